@@ -1,0 +1,328 @@
+"""SQuAD v1.1 / v2.0 for a seq2seq model: read, flatten, prompt, tokenize, batch.
+
+Reading order: `read_squad_file` / `read_squad_hub` -> `sample` -> `encode` -> `SquadDataModule`.
+The prompt puts the context between a fixed instruction and the question, and only the context is ever
+truncated, so the model always sees the whole instruction and question.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from flan_squad.metrics import Question
+
+log = logging.getLogger(__name__)
+
+UNANSWERABLE = "unanswerable"
+
+# FLAN's own SQuAD templates (the v2 one tells the model how to decline).
+INSTRUCTIONS = {
+    "v1": "Read this and answer the question.",
+    "v2": f'Read this and answer the question. If the question is unanswerable, say "{UNANSWERABLE}".',
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the record."""
+
+
+def answer_to_prediction(generated: str) -> str:
+    """The text that goes into a predictions file: the "unanswerable" answer becomes ""."""
+    text = generated.strip()
+    return "" if text.lower() == UNANSWERABLE else text
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def read_squad_file(path: str | Path) -> tuple[str, list[Question]]:
+    """Read an official-format SQuAD JSON file; return its version ("v1"/"v2") and its questions."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (set dataset.train_file / dataset.validation_file)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): SQuAD files are UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+    def fail(where: str, problem: str):
+        raise DataError(f"{path}: {where}: {problem} (expected the official SQuAD format)")
+
+    def get(obj: Any, key: str, kind: type, where: str):
+        if not isinstance(obj, dict):
+            fail(where, f"expected an object, found {type(obj).__name__}")
+        if key not in obj:
+            fail(where, f"missing key {key!r}")
+        if not isinstance(obj[key], kind):
+            expected = "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            fail(f"{where}.{key}", f"expected {expected}, found {type(obj[key]).__name__}")
+        return obj[key]
+
+    articles = get(raw, "data", list, "top level")
+    version = "v2" if str(raw.get("version", "")).lstrip("v").startswith("2") else "v1"
+    questions: list[Question] = []
+    seen: dict[str, str] = {}
+    for a, article in enumerate(articles):
+        title = article.get("title", "") if isinstance(article, dict) else ""
+        for p, paragraph in enumerate(get(article, "paragraphs", list, f"data[{a}]")):
+            where_p = f"data[{a}].paragraphs[{p}]"
+            context = get(paragraph, "context", str, where_p)
+            for q, qa in enumerate(get(paragraph, "qas", list, where_p)):
+                where = f"{where_p}.qas[{q}]"
+                qid = str(get(qa, "id", (str, int), where))
+                if qid in seen:
+                    fail(where, f"duplicate question id {qid!r} (first at {seen[qid]})")
+                seen[qid] = where
+                answers = get(qa, "answers", list, where)
+                texts = tuple(get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers))
+                starts = tuple(int(ans.get("answer_start", -1)) for ans in answers)
+                if not texts and version == "v1":
+                    fail(where, "a SQuAD v1.1 question needs at least one answer")
+                questions.append(
+                    Question(qid, get(qa, "question", str, where), context, texts, starts, str(title))
+                )
+    if not questions:
+        raise DataError(f"{path}: holds no questions")
+    return version, questions
+
+
+def read_squad_hub(hub_id: str, split: str) -> list[Question]:
+    """Load a split from the Hugging Face hub (`rajpurkar/squad`, `rajpurkar/squad_v2`)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, no such split: all need the same advice
+        raise DataError(
+            f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Without hub access, point at local files in "
+            f"the official SQuAD format: dataset.train_file=... dataset.validation_file=..."
+        ) from None
+    return [
+        Question(
+            str(r["id"]), r["question"], r["context"], tuple(r["answers"]["text"]),
+            tuple(r["answers"]["answer_start"]), r.get("title", ""),
+        )
+        for r in rows
+    ]
+
+
+def sample(questions: Sequence[Question], limit: int | None, seed: int) -> list[Question]:
+    """A seeded random sample of `limit` questions, kept in file order (None: all of them)."""
+    if limit is None or limit >= len(questions):
+        return list(questions)
+    if limit <= 0:
+        raise DataError(f"a limit of {limit} questions leaves nothing to train or validate on")
+    keep = sorted(random.Random(seed).sample(range(len(questions)), limit))
+    return [questions[i] for i in keep]
+
+
+# --- prompts and tokenization ----------------------------------------------------------------------
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0  # context cut to fit max_source_length
+    answer_lost: int = 0  # ... and no gold answer survives in what was kept
+    answer_not_in_context: int = 0  # gold answer text not found in the context at all (data problem)
+
+    def as_dict(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}_{k}": v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Encoded:
+    ids: list[str]
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+
+def _answer_end(question: Question) -> int | None:
+    """End offset in the context of the earliest-ending gold answer, or None if none is found."""
+    ends = []
+    for text, start in zip(question.answers, question.answer_starts or [-1] * len(question.answers)):
+        if not (0 <= start and question.context[start : start + len(text)] == text):
+            start = question.context.find(text)  # reconstructed files have some approximate offsets
+        if start >= 0:
+            ends.append(start + len(text))
+    return min(ends) if ends else None
+
+
+def encode(
+    questions: Sequence[Question],
+    tokenizer,
+    version: str,
+    max_source_length: int,
+    max_target_length: int,
+    source: str = "",
+) -> Encoded:
+    """Tokenize prompts and targets; truncate only the context. `source` names the data in errors."""
+    instruction_ids = tokenizer(INSTRUCTIONS[version], add_special_tokens=False).input_ids
+    contexts = list(dict.fromkeys(q.context for q in questions))  # paragraphs repeat ~5x: encode once
+    context_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True)
+    context_index = {c: i for i, c in enumerate(contexts)}
+    question_ids = tokenizer([q.question for q in questions], add_special_tokens=False).input_ids
+    targets = [(q.answers[0] if q.answers else UNANSWERABLE) for q in questions]
+    labels = tokenizer(targets, max_length=max_target_length, truncation=True).input_ids
+
+    out = Encoded(ids=[], input_ids=[], labels=labels, stats=EncodeStats(examples=len(questions)))
+    for q, q_ids in zip(questions, question_ids):
+        c = context_index[q.context]
+        c_ids, offsets = context_enc.input_ids[c], context_enc.offset_mapping[c]
+        budget = max_source_length - len(instruction_ids) - len(q_ids) - 1  # 1 for </s>
+        if budget < 1:
+            raise DataError(
+                f"{source}: question {q.id!r} is {len(q_ids)} tokens: with the instruction it leaves no room "
+                f"for the context in dataset.max_source_length={max_source_length}; raise it"
+            )
+        answer_end = _answer_end(q) if q.answers else None
+        if q.answers and answer_end is None:
+            out.stats.answer_not_in_context += 1
+        if len(c_ids) > budget:
+            out.stats.truncated += 1
+            kept_chars = offsets[budget - 1][1]
+            if answer_end is not None and answer_end > kept_chars:
+                out.stats.answer_lost += 1
+            c_ids = c_ids[:budget]
+        out.ids.append(q.id)
+        out.input_ids.append(instruction_ids + c_ids + q_ids + [tokenizer.eos_token_id])
+    return out
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict[str, Any]:
+    """Pad a batch to its own longest input and target (labels padded with -100)."""
+    width = max(len(f["input_ids"]) for f in features)
+    label_width = max(len(f["labels"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    labels = torch.full((len(features), label_width), -100, dtype=torch.long)
+    for i, f in enumerate(features):
+        input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        attention_mask[i, : len(f["input_ids"])] = 1
+        labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
+    return {"ids": [f["id"] for f in features], "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class _Features(torch.utils.data.Dataset):
+    def __init__(self, encoded: Encoded, order: Sequence[int] | None = None):
+        self.encoded = encoded
+        self.order = list(order) if order is not None else list(range(len(encoded.ids)))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        j = self.order[i]
+        return {"id": self.encoded.ids[j], "input_ids": self.encoded.input_ids[j], "labels": self.encoded.labels[j]}
+
+
+# --- the LightningDataModule -------------------------------------------------------------------------
+
+
+class SquadDataModule(L.LightningDataModule):
+    """SQuAD v1.1 or v2.0 from local official-format files or the hub, tokenized for one tokenizer.
+
+    `val_questions` (in file order) and `version` are what scoring needs after validation.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        name: str,
+        version: str,
+        hub_id: str,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        max_source_length: int = 512,
+        max_target_length: int = 32,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        seed: int = 42,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if version not in INSTRUCTIONS:
+            raise ValueError(f"dataset.version={version!r}: expected 'v1' or 'v2'")
+        self.tokenizer = tokenizer
+        self.name, self.version, self.hub_id = name, version, hub_id
+        self.train_file, self.validation_file = train_file, validation_file
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.limit_train, self.limit_val, self.seed = limit_train, limit_val, seed
+        self.num_workers = num_workers
+        self.train_questions: list[Question] = []
+        self.val_questions: list[Question] = []
+        self.stats: dict[str, int] = {}
+        self._train: Encoded | None = None
+        self._val: Encoded | None = None
+
+    def _read(self, file: str | None, split: str, limit: int | None) -> tuple[list[Question], str]:
+        if file:
+            file_version, questions = read_squad_file(file)
+            if file_version != self.version:
+                log.warning("%s is SQuAD %s data but dataset.version=%s: scoring with %s rules",
+                            file, file_version, self.version, self.version)
+            source = str(file)
+        else:
+            questions, source = read_squad_hub(self.hub_id, split), f"{self.hub_id}[{split}]"
+        if self.version == "v1" and any(not q.answers for q in questions):
+            raise DataError(f"{source}: has unanswerable questions; use dataset=squad_v2 for it")
+        try:
+            return sample(questions, limit, self.seed), source
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from None
+
+    def _encode(self, questions: list[Question], source: str, prefix: str) -> Encoded:
+        encoded = encode(questions, self.tokenizer, self.version, self.max_source_length,
+                         self.max_target_length, source)
+        s = encoded.stats
+        log.info("%s: %d questions, %d contexts truncated to %d tokens (%d lost their gold answer)",
+                 source, s.examples, s.truncated, self.max_source_length, s.answer_lost)
+        if s.answer_not_in_context:
+            log.warning("%s: %d questions have no gold answer text inside their context",
+                        source, s.answer_not_in_context)
+        self.stats.update(s.as_dict(prefix))
+        return encoded
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._val is None:
+            self.val_questions, source = self._read(self.validation_file, "validation", self.limit_val)
+            self._val = self._encode(self.val_questions, source, "val")
+        if stage in (None, "fit") and self._train is None:
+            self.train_questions, source = self._read(self.train_file, "train", self.limit_train)
+            self._train = self._encode(self.train_questions, source, "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            _Features(self._train), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            collate_fn=self._collate, persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # Longest first: generation batches of similar length waste little on padding, and an
+        # out-of-memory shows up on the first batch. Scoring maps answers back by question id.
+        order = sorted(range(len(self._val.ids)), key=lambda i: -len(self._val.input_ids[i]))
+        return DataLoader(
+            _Features(self._val, order), batch_size=self.eval_batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
+        )
+
+    def _collate(self, features: list[dict]) -> dict:
+        return collate(features, self.tokenizer.pad_token_id)

@@ -1,0 +1,217 @@
+"""The official SQuAD scoring rules, v1.1 and v2.0, in one place.
+
+Every score this project reports (training validation, `metrics.json`, `flan_squad.score`) comes from
+here. The functions follow the official evaluation scripts line for line, including their order of
+summation, so that the numbers are identical to the last floating-point bit:
+- v1.1: https://worksheets.codalab.org/rest/bundles/0xbcd57bee090b421c982906709c8c27e1/contents/blob/
+- v2.0: https://worksheets.codalab.org/rest/bundles/0x6b567e1cf2e041ec80d7098f031c5c9e/contents/blob/
+
+Questions are given as `Question` records in dataset order (see `flan_squad.data.read_squad_file`);
+predictions as `{question_id: answer_text}`, where "" means "no answer".
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One SQuAD question, flattened out of its article and paragraph."""
+
+    id: str
+    question: str
+    context: str
+    answers: tuple[str, ...]  # gold answer texts; empty for an unanswerable v2 question
+    answer_starts: tuple[int, ...] = ()
+    title: str = ""
+
+    @property
+    def has_answer(self) -> bool:
+        # The v2 script decides "has answer" by a non-empty answer list, not by `is_impossible`.
+        return bool(self.answers)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop ASCII punctuation, drop the articles a/an/the, collapse white space."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+# --- v1.1 -----------------------------------------------------------------------------------------
+
+
+def exact_match_v1(prediction: str, ground_truth: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(ground_truth)
+
+
+def f1_v1(prediction: str, ground_truth: str) -> float:
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def evaluate_v1(questions: Sequence[Question], predictions: Mapping[str, str]) -> dict:
+    """The v1.1 script's `evaluate`: a missing prediction scores 0 (and still counts in the total)."""
+    f1 = exact_match = total = 0
+    for q in questions:
+        total += 1
+        if q.id not in predictions:
+            continue
+        prediction = predictions[q.id]
+        exact_match += max(exact_match_v1(prediction, gt) for gt in q.answers)
+        f1 += max(f1_v1(prediction, gt) for gt in q.answers)
+    return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
+
+
+# --- v2.0 -----------------------------------------------------------------------------------------
+
+
+def _tokens_v2(text: str) -> list[str]:
+    if not text:
+        return []
+    return normalize_answer(text).split()
+
+
+def exact_v2(gold: str, prediction: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(prediction))
+
+
+def f1_v2(gold: str, prediction: str) -> float:
+    gold_tokens = _tokens_v2(gold)
+    prediction_tokens = _tokens_v2(prediction)
+    common = collections.Counter(gold_tokens) & collections.Counter(prediction_tokens)
+    num_same = sum(common.values())
+    if len(gold_tokens) == 0 or len(prediction_tokens) == 0:
+        # If either is no-answer, F1 is 1 if they agree, 0 otherwise.
+        return int(gold_tokens == prediction_tokens)
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(gold_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def raw_scores_v2(questions: Sequence[Question], predictions: Mapping[str, str]) -> tuple[dict, dict]:
+    exact_scores: dict[str, float] = {}
+    f1_scores: dict[str, float] = {}
+    for q in questions:
+        gold_answers = [a for a in q.answers if normalize_answer(a)]
+        if not gold_answers:
+            gold_answers = [""]  # for an unanswerable question the only right answer is empty
+        if q.id not in predictions:
+            continue
+        prediction = predictions[q.id]
+        exact_scores[q.id] = max(exact_v2(a, prediction) for a in gold_answers)
+        f1_scores[q.id] = max(f1_v2(a, prediction) for a in gold_answers)
+    return exact_scores, f1_scores
+
+
+def _apply_no_answer_threshold(scores, na_probs, has_answer, threshold):
+    return {
+        qid: (float(not has_answer[qid]) if na_probs[qid] > threshold else s) for qid, s in scores.items()
+    }
+
+
+def _eval_dict(exact_scores, f1_scores, qid_list=None) -> dict:
+    if not qid_list:
+        total = len(exact_scores)
+        return {
+            "exact": 100.0 * sum(exact_scores.values()) / total,
+            "f1": 100.0 * sum(f1_scores.values()) / total,
+            "total": total,
+        }
+    total = len(qid_list)
+    return {
+        "exact": 100.0 * sum(exact_scores[k] for k in qid_list) / total,
+        "f1": 100.0 * sum(f1_scores[k] for k in qid_list) / total,
+        "total": total,
+    }
+
+
+def _best_threshold(predictions, scores, na_probs, has_answer) -> tuple[float, float]:
+    num_no_answer = sum(1 for k in has_answer if not has_answer[k])
+    current = best = num_no_answer
+    best_threshold = 0.0
+    for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+        if qid not in scores:
+            continue
+        if has_answer[qid]:
+            diff = scores[qid]
+        else:
+            diff = -1 if predictions[qid] else 0
+        current += diff
+        if current > best:
+            best = current
+            best_threshold = na_probs[qid]
+    return 100.0 * best / len(scores), best_threshold
+
+
+def evaluate_v2(
+    questions: Sequence[Question],
+    predictions: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+    na_prob_threshold: float = 1.0,
+) -> dict:
+    """The v2.0 script's `main`: overall, HasAns_* and NoAns_* scores, and best_* with `na_probs`."""
+    has_answer = {q.id: q.has_answer for q in questions}
+    has_answer_ids = [k for k, v in has_answer.items() if v]
+    no_answer_ids = [k for k, v in has_answer.items() if not v]
+    probs = dict(na_probs) if na_probs is not None else {k: 0.0 for k in predictions}
+    exact_raw, f1_raw = raw_scores_v2(questions, predictions)
+    exact = _apply_no_answer_threshold(exact_raw, probs, has_answer, na_prob_threshold)
+    f1 = _apply_no_answer_threshold(f1_raw, probs, has_answer, na_prob_threshold)
+    result = _eval_dict(exact, f1)
+    if has_answer_ids:
+        for key, value in _eval_dict(exact, f1, has_answer_ids).items():
+            result[f"HasAns_{key}"] = value
+    if no_answer_ids:
+        for key, value in _eval_dict(exact, f1, no_answer_ids).items():
+            result[f"NoAns_{key}"] = value
+    if na_probs is not None:
+        result["best_exact"], result["best_exact_thresh"] = _best_threshold(predictions, exact_raw, probs, has_answer)
+        result["best_f1"], result["best_f1_thresh"] = _best_threshold(predictions, f1_raw, probs, has_answer)
+    return result
+
+
+# --- one entry point for the project ------------------------------------------------------------
+
+
+def score(
+    version: str,
+    questions: Sequence[Question],
+    predictions: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+) -> dict:
+    """Score with the rules of SQuAD `version` ("v1" or "v2"), in a common shape.
+
+    Returns `exact`, `f1`, `total` for both versions (v1.1's `exact_match` is renamed `exact`), plus the
+    v2 breakdowns. Every question must have a prediction: the official scripts disagree on what a missing
+    one means (v1.1 scores it 0, v2.0 drops it from the total), so this refuses to guess.
+    """
+    missing = [q.id for q in questions if q.id not in predictions]
+    if missing:
+        raise KeyError(f"{len(missing)} question(s) have no prediction, e.g. {missing[:5]}")
+    if not questions:
+        raise ValueError("no questions to score")
+    if version == "v1":
+        official = evaluate_v1(questions, predictions)
+        return {"exact": official["exact_match"], "f1": official["f1"], "total": len(questions)}
+    if version == "v2":
+        return evaluate_v2(questions, predictions, na_probs)
+    raise ValueError(f"unknown SQuAD version {version!r}: expected 'v1' or 'v2'")

@@ -1,0 +1,255 @@
+"""The base model (pretrained FLAN-T5, or its architecture with random weights) and the LightningModule.
+
+`BaseModel` says which weights to start from; a strategy (`flan_squad.strategies`) turns them into a
+trainable model; `SquadQAModule` trains it with teacher forcing and validates by greedy generation,
+scored with the official SQuAD rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from flan_squad.data import answer_to_prediction
+from flan_squad.metrics import score
+
+log = logging.getLogger(__name__)
+
+# What every FLAN-T5 size shares (from the published configs); sizes add d_model, layers, heads, d_ff.
+FLAN_T5_ARCHITECTURE = dict(
+    vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+    layer_norm_epsilon=1e-6, initializer_factor=1.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    tie_word_embeddings=False,
+)
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer that cannot be loaded; the message says how to point at local files."""
+
+
+def _hub_hint(what: str, name: str, error: Exception) -> ModelLoadError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"could not load the {what} {name!r}: {first_line}\n"
+        f"Without Hugging Face hub access, use a local directory (model.name_or_path=/path/to/flan-t5 "
+        f"or model.tokenizer=/path/to/tokenizer), or model.init=random to build the architecture with "
+        f"random weights (the tokenizer is still needed: model.tokenizer=../shared/models/flan-t5-small-tokenizer)."
+    )
+
+
+@dataclass
+class BaseModel:
+    """Which weights a run starts from.
+
+    init=pretrained loads `name_or_path` (a hub id or a local dir). init=random builds the same
+    architecture (`architecture`, on top of the FLAN-T5 defaults) with random weights, seeded by
+    `init_seed`, and saves it once under `cache_dir`, so that every strategy, reload and export starts
+    from the very same weights through the same `from_pretrained` path as a real checkpoint.
+    """
+
+    name: str
+    name_or_path: str
+    init: str = "pretrained"
+    tokenizer: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    cache_dir: str = "outputs/.cache"
+
+    def __post_init__(self):
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({'random init' if self.init == 'random' else 'pretrained'})"
+
+    def checkpoint(self) -> str:
+        """A path or hub id that `from_pretrained` can load."""
+        return self.name_or_path if self.init == "pretrained" else str(self._random_checkpoint())
+
+    def load(self, **from_pretrained_kwargs) -> nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        try:
+            return AutoModelForSeq2SeqLM.from_pretrained(self.checkpoint(), **from_pretrained_kwargs)
+        except OSError as e:
+            raise _hub_hint("model", self.checkpoint(), e) from None
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        name = self.tokenizer or self.name_or_path
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise _hub_hint("tokenizer", name, e) from None
+
+    def config(self):
+        from transformers import T5Config
+
+        return T5Config(**{**FLAN_T5_ARCHITECTURE, **self.architecture})
+
+    def _random_checkpoint(self) -> Path:
+        from transformers import T5ForConditionalGeneration
+
+        spec = json.dumps({**FLAN_T5_ARCHITECTURE, **self.architecture, "seed": self.init_seed,
+                           "torch": torch.__version__}, sort_keys=True)
+        directory = Path(self.cache_dir) / "random_init" / f"{self.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+        if (directory / "config.json").exists():
+            return directory
+        log.info("Building %s with random weights (seed %d) into %s", self.name, self.init_seed, directory)
+        with _fork_rng(self.init_seed):
+            model = T5ForConditionalGeneration(self.config())
+            # transformers ties lm_head to the embedding when building from a config, whatever the config
+            # says; FLAN-T5 has its own lm_head, initialised as T5 initialises an untied one.
+            std = model.config.initializer_factor * 1.0
+            model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
+        model.save_pretrained(staging)
+        try:
+            os.replace(staging, directory)  # atomic: a concurrent job either sees all of it or none
+        except OSError:  # another job got there first
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+
+class _fork_rng:
+    """Seed torch for a block without disturbing the caller's random state."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, counting a 4-bit weight by its logical (unpacked) size."""
+    trainable = total = in_4bit = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
+        total += n
+        in_4bit += n if quant_state is not None else 0
+        trainable += n if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total, "params_4bit": in_4bit}
+
+
+class SquadQAModule(L.LightningModule):
+    """Fine-tunes a seq2seq model on SQuAD prompts; validates by greedy generation + official scoring.
+
+    The model itself comes from `strategy.build(base, device)` in `configure_model`, so it is created on
+    the device the Trainer chose (needed for 4-bit weights) and the module never branches on strategy.
+    """
+
+    def __init__(self, base: BaseModel, strategy, tokenizer, version: str, max_new_tokens: int = 32,
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.1):
+        super().__init__()
+        self.base, self.strategy, self.tokenizer, self.version = base, strategy, tokenizer, version
+        self.max_new_tokens, self.weight_decay, self.warmup_ratio = max_new_tokens, weight_decay, warmup_ratio
+        self.model: nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold the trainable parameters only (see on_save_checkpoint)
+        self.predictions: dict[str, str] = {}
+        self.scores: dict[str, float] = {}
+
+    # --- model -----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.model = self.strategy.build(self.base, device)
+            self.model.train()  # from_pretrained returns eval mode, and Lightning keeps a module's mode
+
+    def parameter_counts(self) -> dict[str, int]:
+        return count_parameters(self.model)
+
+    @torch.no_grad()
+    def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        """Greedy answers as prediction text ("" for "unanswerable")."""
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        return [answer_to_prediction(t) for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        return loss
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.strategy.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- validation --------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self.predictions = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+        self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
+        answers = self.generate_answers(batch["input_ids"], batch["attention_mask"])
+        self.predictions.update(zip(batch["ids"], answers))
+
+    def on_validation_epoch_end(self) -> None:
+        predictions = _gather_predictions(self.predictions)
+        if self.trainer.sanity_checking:
+            return
+        questions = [q for q in self.trainer.datamodule.val_questions if q.id in predictions]
+        skipped = len(self.trainer.datamodule.val_questions) - len(questions)
+        if skipped:
+            log.warning("validation covered %d of %d questions (trainer.limit_val_batches?): scoring those only",
+                        len(questions), len(questions) + skipped)
+        self.predictions = {q.id: predictions[q.id] for q in questions}  # dataset order
+        self.scores = score(self.version, questions, self.predictions)
+        for key, value in self.scores.items():  # identical on every process: no sync needed
+            self.log(f"val/{key}", float(value), prog_bar=key in ("exact", "f1"))
+
+    # --- checkpoints: trainable parameters only ------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"checkpoint does not match this model/strategy: unknown keys {sorted(unknown)[:3]}")
+
+
+def _gather_predictions(local: dict[str, str]) -> dict[str, str]:
+    """Merge every process's predictions; the distributed sampler's padding repeats ids, which merge away."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    gathered: list[dict[str, str]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, local)
+    merged: dict[str, str] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged

@@ -1,0 +1,136 @@
+"""What a run costs and what it writes: training time, throughput, peak memory, result files, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PeakMemory:
+    """Peak memory of this process since `reset()`: max allocated on CUDA, peak resident set on CPU.
+
+    On Linux the RSS high-water mark can be reset (`/proc/self/clear_refs`), so consecutive jobs of a
+    Hydra multirun each get their own peak; elsewhere it is the process's lifetime peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def read_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class CostMonitor(L.Callback):
+    """Times the training loop (validation excluded), counts what it processed, and reads peak memory."""
+
+    def __init__(self):
+        self.train_time_s = 0.0
+        self.examples = self.tokens = 0
+        self._started = self._val_started = 0.0
+        self._val_time_s = 0.0
+        self.peak: PeakMemory | None = None
+        self.peak_memory_mb = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.peak = PeakMemory(trainer.strategy.root_device)
+        self.peak.reset()
+        self._val_time_s = 0.0
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.examples += len(batch["ids"])
+        self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # not the final trainer.validate()
+            self._val_time_s += time.perf_counter() - self._val_started
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_time_s = time.perf_counter() - self._started - self._val_time_s
+        self.peak_memory_mb = self.peak.read_mb()
+
+    def as_dict(self) -> dict[str, Any]:
+        seconds = max(self.train_time_s, 1e-9)
+        return {
+            "train_time_s": round(self.train_time_s, 3),
+            "train_examples_per_s": round(self.examples / seconds, 3),
+            "train_tokens_per_s": round(self.tokens / seconds, 1),
+            "train_examples_seen": self.examples,
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "peak_memory_kind": self.peak.kind if self.peak else None,
+        }
+
+
+def summary(metrics: dict[str, Any], output_dir: Path) -> str:
+    """The few lines printed at the end of a run."""
+    random_init = metrics["init"] == "random"
+    scores = f"exact {metrics['exact']:.2f}  f1 {metrics['f1']:.2f}  on {metrics['total']} questions"
+    if "HasAns_f1" in metrics:
+        scores += f"  (HasAns f1 {metrics['HasAns_f1']:.2f}"
+        scores += f", NoAns f1 {metrics['NoAns_f1']:.2f})" if "NoAns_f1" in metrics else ")"
+    share = 100.0 * metrics["trainable_params"] / max(1, metrics["total_params"])
+    lines = [
+        f"flan-squad · {metrics['strategy']} · {metrics['model']} ({metrics['init']} init) · {metrics['dataset']}",
+        f"  scores     {scores}",
+        f"  training   {metrics['train_time_s']:.1f} s, {metrics['train_examples_per_s']:.2f} examples/s, "
+        f"{metrics['train_examples']} questions x {metrics['epochs']} epochs, {metrics['optimizer_steps']} steps",
+        f"  memory     peak {metrics['peak_memory_mb']:.0f} MB ({metrics['peak_memory_kind']})",
+        f"  parameters {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} ({share:.2f}%)"
+        + (f"; {metrics['params_4bit']:,} stored in 4-bit" if metrics.get("params_4bit") else ""),
+        f"  artefacts  {output_dir}",
+    ]
+    if random_init:
+        lines.insert(1, "  NOTE       random-init weights: these scores say nothing about FLAN-T5's accuracy")
+    width = max(len(line) for line in lines)
+    return "\n".join(["=" * width, *lines, "=" * width])

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real tokenizer and SQuAD files from ../shared, tiny random T5 models, Hydra configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/datasets read it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from flan_squad.config import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from flan_squad.model import BaseModel  # noqa: E402
+
+SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
+SQUAD = SHARED / "data" / "squad"
+DEV_V1 = SQUAD / "v1.1" / "dev-v1.1.json"
+DEV_V2 = SQUAD / "v2.0" / "dev-v2.0.reconstructed.json"
+TRAIN_V2_SAMPLE = SQUAD / "v2.0" / "train-v2.0.sample.json"
+TOKENIZER_DIR = SHARED / "models" / "flan-t5-small-tokenizer"
+TINY_ARCHITECTURE = dict(d_model=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, d_ff=128)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(cache_dir) -> BaseModel:
+    return BaseModel(name="t5-tiny", name_or_path=None, init="random", tokenizer=str(TOKENIZER_DIR),
+                     architecture=TINY_ARCHITECTURE, cache_dir=str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None):
+    """Compose conf/train.yaml as `@hydra.main` would, with the run dir (and weight cache) in tmp dirs."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in @hydra.main, the job config does not carry the hydra node
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+        if cache is not None:
+            cfg.paths.cache_dir = str(cache)
+        cfg.paths.shared_dir = str(SHARED)
+    return cfg

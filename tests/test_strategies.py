@@ -1,0 +1,164 @@
+"""Each strategy on a tiny random T5: what trains, that it learns, 4-bit storage, save/reload round trips."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from flan_squad.data import collate, encode
+from flan_squad.metrics import Question
+from flan_squad.model import BaseModel, count_parameters
+from flan_squad.strategies import LoRA, FullFineTuning, QLoRA
+
+STRATEGIES = {
+    "full": lambda: FullFineTuning(lr=1e-3),
+    "lora": lambda: LoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
+    "qlora": lambda: QLoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    questions = [
+        Question("q1", "Where is the tower?", "The Eiffel Tower is in Paris, France.", ("Paris",), (24,)),
+        Question("q2", "What colour is the sky?", "On a clear day the sky is blue.", ("blue",), (26,)),
+        Question("q3", "Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.", ("William Shakespeare",), (32,)),
+        Question("q4", "When did it end?", "The war ended in 1945 after six years.", ("1945",), (17,)),
+    ]
+    encoded = encode(questions, tokenizer, "v1", 128, 16)
+    return collate([{"id": i, "input_ids": x, "labels": y}
+                    for i, x, y in zip(encoded.ids, encoded.input_ids, encoded.labels)], tokenizer.pad_token_id)
+
+
+def _inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _generate(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_loss_falls_on_a_repeated_batch(name, tiny_base, cpu, batch):
+    torch.manual_seed(0)
+    strategy = STRATEGIES[name]()
+    model = strategy.build(tiny_base, cpu).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=strategy.lr)
+    losses = []
+    for _ in range(12):
+        loss = model(**_inputs(batch)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def _lora_params_expected(base: BaseModel, rank: int) -> int:
+    config = base.config()
+    inner = config.num_heads * config.d_kv
+    per_module = rank * (config.d_model + inner)  # A: d_model -> r, B: r -> inner, for q and v alike
+    attention_blocks = config.num_layers + 2 * config.num_decoder_layers  # decoder: self + cross attention
+    return attention_blocks * 2 * per_module
+
+
+def test_full_trains_every_parameter(tiny_base, cpu):
+    model = FullFineTuning().build(tiny_base, cpu)
+    counts = count_parameters(model)
+    assert counts["trainable_params"] == counts["total_params"] == sum(p.numel() for p in model.parameters())
+    assert counts["params_4bit"] == 0
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_adapters_alone_train(name, tiny_base, cpu):
+    model = STRATEGIES[name]().build(tiny_base, cpu)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q", "v"}  # ...SelfAttention.q.lora_A.default.weight
+    assert count_parameters(model)["trainable_params"] == _lora_params_expected(tiny_base, rank=4)
+
+
+def test_all_linear_adapts_every_linear_layer(tiny_base, cpu):
+    model = LoRA(rank=4, target_modules="all-linear").build(tiny_base, cpu)
+    adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}  # lm_head excluded by PEFT
+
+
+def test_qlora_weights_really_are_4bit(tiny_base, cpu):
+    model = STRATEGIES["qlora"]().build(tiny_base, cpu)
+    four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    names = {n.split(".")[-2] if n.endswith("base_layer") else n.split(".")[-1] for n in four_bit}
+    assert names == {"q", "k", "v", "o", "wi_0", "wi_1"}  # T5 keeps wo (and lm_head) in full precision
+    for module in four_bit.values():
+        assert module.weight.dtype == torch.uint8 and module.weight.quant_state.quant_type == "nf4"
+        assert module.weight.quant_state.nested  # double quantisation
+        assert module.weight.numel() * 2 == module.weight.quant_state.shape.numel()  # two weights a byte
+    counts = count_parameters(model)
+    assert counts["params_4bit"] == sum(m.weight.quant_state.shape.numel() for m in four_bit.values())
+    full = count_parameters(FullFineTuning().build(tiny_base, cpu))
+    assert counts["total_params"] == full["total_params"] + counts["trainable_params"]  # base + adapters
+    assert model.base_model.model.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_saved_result_reloads_with_identical_predictions(name, tiny_base, cpu, batch, tmp_path):
+    torch.manual_seed(0)
+    strategy = STRATEGIES[name]()
+    model = strategy.build(tiny_base, cpu).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=strategy.lr)
+    before = _generate(model, batch)
+    model.train()
+    for _ in range(3):
+        model(**_inputs(batch)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = _generate(model, batch)
+    assert not torch.equal(before, trained) or name != "full"  # training changed something
+
+    from transformers import AutoTokenizer
+    strategy.save(model, AutoTokenizer.from_pretrained(tiny_base.tokenizer), tmp_path)
+    saved = {p.name for p in tmp_path.iterdir()}
+    assert "tokenizer_config.json" in saved
+    assert ("adapter_model.safetensors" in saved) == (name != "full")
+    assert ("model.safetensors" in saved) == (name == "full")
+    reloaded = strategy.load(tmp_path, tiny_base, cpu)
+    assert torch.equal(_generate(reloaded, batch), trained)
+    trained_logits = model(**_inputs(batch)).logits
+    assert torch.allclose(reloaded(**_inputs(batch)).logits, trained_logits, atol=1e-5)
+
+
+def test_random_init_matches_flan_t5_small_parameter_count(cache_dir):
+    # The published flan-t5-small has 76,961,152 parameters with its own (untied) lm_head.
+    base = BaseModel(name="flan-t5-small", name_or_path="google/flan-t5-small", init="random",
+                     architecture=dict(d_model=512, num_layers=8, num_decoder_layers=8, num_heads=6, d_ff=1024),
+                     cache_dir=str(cache_dir))
+    model = base.load()
+    assert sum(p.numel() for p in model.parameters()) == 76_961_152
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()
+    again = base.load()  # from the cache: the very same weights
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_random_init_is_seeded(tiny_base, tmp_path):
+    other_seed = BaseModel(**{**tiny_base.__dict__, "init_seed": 1, "cache_dir": str(tmp_path)})
+    a, b = tiny_base.load(), other_seed.load()
+    assert not torch.equal(a.shared.weight, b.shared.weight)
+
+
+def test_pretrained_hub_id_offline_says_how_to_use_local_files():
+    from flan_squad.model import ModelLoadError
+    base = BaseModel(name="flan-t5-base", name_or_path="google/flan-t5-base-not-cached")
+    with pytest.raises(ModelLoadError, match="model.init=random"):
+        base.load()
+
+
+@pytest.mark.parametrize("kwargs, option", [({"lr": 0}, "strategy.lr"), ({"rank": 0}, "strategy.rank")])
+def test_invalid_strategy_numbers(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        LoRA(**kwargs)

@@ -1,0 +1,70 @@
+"""End to end: the smoke runs in-process for each strategy, and the real command line (run and multirun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SHARED, compose_config
+from flan_squad.config import PROJECT_ROOT
+from flan_squad.train import train
+
+REQUIRED = {"exact", "f1", "total", "strategy", "model", "init", "trainable_params", "total_params",
+            "train_time_s", "train_examples_per_s", "peak_memory_mb", "dataset", "train_examples", "val_examples"}
+V2_KEYS = {f"{part}_{k}" for part in ("HasAns", "NoAns") for k in ("exact", "f1", "total")}
+
+
+@pytest.mark.parametrize("strategy, dataset", [("full", "squad_v1"), ("lora", "squad_v2"), ("qlora", "squad_v1")])
+def test_smoke_run_writes_complete_results(strategy, dataset, tmp_path, cache_dir):
+    cfg = compose_config(["experiment=smoke", f"strategy={strategy}", f"dataset={dataset}",
+                          "dataset.limit_train=16", "dataset.limit_val=12", "trainer.max_epochs=1"],
+                         output_dir=tmp_path, cache=cache_dir)
+    metrics = train(cfg)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert REQUIRED <= on_disk.keys()
+    assert (V2_KEYS <= on_disk.keys()) == (dataset == "squad_v2")
+    assert on_disk["strategy"] == strategy and on_disk["init"] == "random" and on_disk["model"] == "t5-tiny"
+    assert on_disk["train_examples"] == 16 and on_disk["val_examples"] == on_disk["total"] == 12
+    assert on_disk["optimizer_steps"] == 2 and on_disk["train_examples_seen"] == 16
+    assert on_disk["peak_memory_mb"] > 100 and on_disk["train_time_s"] > 0
+    assert 0 < on_disk["trainable_params"] <= on_disk["total_params"]
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(predictions) == 12 and all(isinstance(v, str) for v in predictions.values())
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / on_disk["best_checkpoint"]).exists()
+    assert (tmp_path / "model" / ("model.safetensors" if strategy == "full" else "adapter_model.safetensors")).exists()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"val/exact", "val/f1", "train/loss"} <= set(events.Tags()["scalars"])
+
+
+def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
+    result = subprocess.run([sys.executable, "-m", "flan_squad.train", *args], cwd=PROJECT_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_command_line_run_honours_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run(["experiment=smoke", "strategy=qlora", "dataset=squad_v2", f"hydra.run.dir={run_dir}",
+                   "trainer.max_epochs=1", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["strategy"] == "qlora" and V2_KEYS <= metrics.keys() and metrics["params_4bit"] > 0
+    assert "random-init weights" in result.stdout and str(run_dir) in result.stdout  # the end-of-run summary
+
+
+def test_multirun_of_two_jobs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    _run(["-m", "experiment=smoke", "strategy=lora", "strategy.rank=2,4", f"hydra.sweep.dir={sweep_dir}",
+          "trainer.max_epochs=1", "dataset.limit_train=16", "dataset.limit_val=8",
+          f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    jobs = sorted(sweep_dir.glob("*/metrics.json"))
+    assert len(jobs) == 2
+    trainable = [json.loads(p.read_text())["trainable_params"] for p in jobs]
+    assert trainable[1] == 2 * trainable[0]  # rank 4 has twice the adapter parameters of rank 2
