@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from flan_squad.data import answer_to_prediction
+from flan_squad.inference import generate_answers
 from flan_squad.metrics import score
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,6 @@ class SquadQAModule(L.LightningModule):
     def parameter_counts(self) -> dict[str, int]:
         return count_parameters(self.model)
 
-    @torch.no_grad()
-    def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        """Greedy answers as prediction text ("" for "unanswerable")."""
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
-        return [answer_to_prediction(t) for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
-
     # --- training ----------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -213,7 +206,8 @@ class SquadQAModule(L.LightningModule):
         loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
-        answers = self.generate_answers(batch["input_ids"], batch["attention_mask"])
+        answers = generate_answers(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                   self.max_new_tokens)
         self.predictions.update(zip(batch["ids"], answers))
 
     def on_validation_epoch_end(self) -> None:
