@@ -16,8 +16,9 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
+from flan_squad.errors import ConfigError, FlanSquadError
 from flan_squad.metrics import Question
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ INSTRUCTIONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(FlanSquadError, ValueError):
     """Input data that cannot be used; the message names the file and the record."""
 
 
@@ -231,6 +232,55 @@ class _Features(torch.utils.data.Dataset):
         return {"id": self.encoded.ids[j], "input_ids": self.encoded.input_ids[j], "labels": self.encoded.labels[j]}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch): the same order again after a resume.
+
+    Lightning calls `set_epoch` at the start of every epoch (as for a DistributedSampler).
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that can resume mid-epoch: Lightning stores `state_dict()` in each checkpoint and calls
+    `load_state_dict()` on resume; the next epoch then skips the batches that were already trained on.
+
+    Needs a sampler whose order is fixed per epoch (`EpochShuffleSampler`, or Lightning's DistributedSampler).
+    A sized loader is not prefetched by Lightning, so the count is of batches really consumed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._yielded = self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        batches = super().__iter__()
+        for position, batch in enumerate(batches):
+            if position < skip:
+                continue  # already trained on before the interruption
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state.get("batches_yielded", 0))
+
+
 # --- the LightningDataModule -------------------------------------------------------------------------
 
 
@@ -259,7 +309,14 @@ class SquadDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if version not in INSTRUCTIONS:
-            raise ValueError(f"dataset.version={version!r}: expected 'v1' or 'v2'")
+            raise ConfigError(f"dataset.version={version!r}: expected 'v1' or 'v2'")
+        for option, value in [("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                              ("max_source_length", max_source_length), ("max_target_length", max_target_length)]:
+            if value is None or value <= 0:
+                raise ConfigError(f"dataset.{option}={value}: must be a positive whole number")
+        for option, value in [("limit_train", limit_train), ("limit_val", limit_val)]:
+            if value is not None and value < 0:
+                raise ConfigError(f"dataset.{option}={value}: must be >= 1, or null for all questions")
         self.tokenizer = tokenizer
         self.name, self.version, self.hub_id = name, version, hub_id
         self.train_file, self.validation_file = train_file, validation_file
@@ -310,9 +367,13 @@ class SquadDataModule(L.LightningDataModule):
             self._train = self._encode(self.train_questions, source, "train")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            _Features(self._train), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            collate_fn=self._collate, persistent_workers=self.num_workers > 0,
+        features = _Features(self._train)
+        return ResumableDataLoader(
+            features, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(features), self.seed),
+            num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
+            # Worker seeds from a generator of their own, not the global RNG: the global RNG then drives
+            # dropout alone, and a resumed run draws the same masks as an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

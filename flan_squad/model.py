@@ -7,11 +7,12 @@ scored with the official SQuAD rules.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
+import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from flan_squad.errors import ConfigError, FlanSquadError, TrainingError
 from flan_squad.inference import generate_answers
 from flan_squad.metrics import score
 
@@ -35,7 +37,7 @@ FLAN_T5_ARCHITECTURE = dict(
 )
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(FlanSquadError, OSError):
     """A model or tokenizer that cannot be loaded; the message says how to point at local files."""
 
 
@@ -69,7 +71,10 @@ class BaseModel:
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
-            raise ValueError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
+            raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ConfigError(f"model {self.name!r} has no pretrained weights (model.name_or_path is empty): "
+                              f"use model.init=random or set model.name_or_path")
 
     @property
     def label(self) -> str:
@@ -107,22 +112,24 @@ class BaseModel:
         spec = json.dumps({**FLAN_T5_ARCHITECTURE, **self.architecture, "seed": self.init_seed,
                            "torch": torch.__version__}, sort_keys=True)
         directory = Path(self.cache_dir) / "random_init" / f"{self.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
-        if (directory / "config.json").exists():
-            return directory
-        log.info("Building %s with random weights (seed %d) into %s", self.name, self.init_seed, directory)
-        with _fork_rng(self.init_seed):
-            model = T5ForConditionalGeneration(self.config())
-            # transformers ties lm_head to the embedding when building from a config, whatever the config
-            # says; FLAN-T5 has its own lm_head, initialised as T5 initialises an untied one.
-            std = model.config.initializer_factor * 1.0
-            model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
-        model.save_pretrained(staging)
-        try:
-            os.replace(staging, directory)  # atomic: a concurrent job either sees all of it or none
-        except OSError:  # another job got there first
-            shutil.rmtree(staging, ignore_errors=True)
+        # One builder at a time (DDP ranks, parallel sweep jobs): the others wait, then load what it wrote.
+        with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (directory / "config.json").exists():
+                log.info("Building %s with random weights (seed %d) into %s", self.name, self.init_seed, directory)
+                with _fork_rng(self.init_seed):
+                    model = T5ForConditionalGeneration(self.config())
+                    # transformers ties lm_head to the embedding when building from a config, whatever the
+                    # config says; FLAN-T5 has its own lm_head, initialised as T5 initialises an untied one.
+                    std = model.config.initializer_factor * 1.0
+                    model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
+                staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
+                model.save_pretrained(staging)
+                if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
+                    raise RuntimeError(f"building {directory} inside a distributed process group wrote nothing: "
+                                       f"call BaseModel.checkpoint() before the process group starts")
+                os.replace(staging, directory)  # a crash mid-save leaves no half-written checkpoint behind
         return directory
 
 
@@ -185,6 +192,13 @@ class SquadQAModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
+        if not torch.isfinite(loss):
+            # Stop before this step's update: the checkpoints on disk all predate the bad step.
+            raise TrainingError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch},"
+                f" batch {batch_idx}); checkpoints up to the previous step are kept. Lower strategy.lr or set"
+                f" trainer.gradient_clip_val, then continue with resume=true"
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         return loss
 
@@ -227,14 +241,35 @@ class SquadQAModule(L.LightningModule):
     # --- checkpoints: trainable parameters only ------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = _rng_states()  # dropout continues exactly after a resume
+        parameters = dict(self.named_parameters())
+        if all(p.requires_grad for p in parameters.values()):
+            return  # full fine-tuning: the whole state is needed
         # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized.
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = {name for name, p in parameters.items() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
         if unknown:
-            raise ValueError(f"checkpoint does not match this model/strategy: unknown keys {sorted(unknown)[:3]}")
+            raise ConfigError(f"checkpoint does not match this model/strategy: unknown keys {sorted(unknown)[:3]}")
+        if "rng_states" in checkpoint:
+            _restore_rng_states(checkpoint["rng_states"])
+
+
+def _rng_states() -> dict:
+    # Tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _gather_predictions(local: dict[str, str]) -> dict[str, str]:

@@ -5,13 +5,64 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
+
+from flan_squad.errors import RunDirError
+
+# What a finished or interrupted run leaves in its dir; a new run must not silently replace it.
+RESULTS = ("metrics.json", "predictions.json", "model", "checkpoints")
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+def prepare_run_dir(output_dir: Path, resume: bool, ckpt_path: str | None, overwrite: bool) -> str | None:
+    """Check the run dir against what was asked; return the checkpoint to resume from, if any.
+
+    - resume=true: continue from `checkpoints/last.ckpt` of this dir (refused if the run already finished).
+    - ckpt_path=...: continue from that checkpoint.
+    - otherwise the dir must not hold results, unless overwrite=true (which deletes them first).
+    """
+    existing = [name for name in RESULTS if (output_dir / name).exists()]
+    if resume or ckpt_path:
+        path = Path(ckpt_path) if ckpt_path else output_dir / LAST_CHECKPOINT
+        if not path.is_file():
+            raise RunDirError(f"nothing to resume: no checkpoint at {path}"
+                              + ("" if ckpt_path else " (resume=true continues a run in its own hydra.run.dir)"))
+        if (output_dir / "metrics.json").exists() and not overwrite:
+            raise RunDirError(f"{output_dir} holds a finished run (metrics.json): nothing to resume; "
+                              f"pass overwrite=true to train again from the checkpoint")
+        return str(path)
+    if existing and not overwrite:
+        raise RunDirError(f"{output_dir} already holds results ({', '.join(existing)}): pass overwrite=true to "
+                          f"replace them, resume=true to continue an interrupted run, or choose another hydra.run.dir")
+    for name in (*existing, "tensorboard", "csv"):
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return None
+
+
+def write_dir_atomic(directory: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a directory through a staging dir and renames: a crash leaves the old one or the new one whole."""
+    directory = Path(directory)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
+    try:
+        write(staging)
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -98,7 +149,11 @@ class CostMonitor(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_time_s = time.perf_counter() - self._started - self._val_time_s
-        self.peak_memory_mb = self.peak.read_mb()
+        self.peak_memory_mb = self.peak.read_mb()  # this process's peak (one device's, under DDP)
+        # Under DDP every process trains on its own share: throughput counts them all.
+        counts = trainer.strategy.reduce(torch.tensor([self.examples, self.tokens], dtype=torch.float64),
+                                         reduce_op="sum")
+        self.examples, self.tokens = (int(c) for c in counts.tolist())
 
     def as_dict(self) -> dict[str, Any]:
         seconds = max(self.train_time_s, 1e-9)

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flan_squad.errors import ConfigError
 from flan_squad.model import BaseModel
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ class FullFineTuning:
     name = "full"
 
     def __init__(self, lr: float = 5e-5, gradient_checkpointing: bool = False):
-        if lr <= 0:
-            raise ValueError(f"strategy.lr={lr}: must be > 0")
+        if not lr > 0:
+            raise ConfigError(f"strategy.lr={lr}: must be > 0")
         self.lr, self.gradient_checkpointing = lr, gradient_checkpointing
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
@@ -62,8 +63,12 @@ class LoRA(FullFineTuning):
     def __init__(self, lr: float = 1e-3, rank: int = 16, alpha: int = 32, dropout: float = 0.05,
                  target_modules: str | Sequence[str] = ("q", "v"), gradient_checkpointing: bool = False):
         super().__init__(lr, gradient_checkpointing)
-        if rank <= 0:
-            raise ValueError(f"strategy.rank={rank}: must be > 0")
+        if not (isinstance(rank, int) and rank > 0):
+            raise ConfigError(f"strategy.rank={rank}: must be a whole number > 0")
+        if not alpha > 0:
+            raise ConfigError(f"strategy.alpha={alpha}: must be > 0")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"strategy.dropout={dropout}: must be in [0, 1)")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         # "all-linear" is PEFT's own shorthand: every linear layer except the output head.
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -98,6 +103,8 @@ class QLoRA(LoRA):
                  target_modules: str | Sequence[str] = ("q", "v"), gradient_checkpointing: bool = True,
                  quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto"):
         super().__init__(lr, rank, alpha, dropout, target_modules, gradient_checkpointing)
+        if quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"strategy.quant_type={quant_type!r}: expected 'nf4' or 'fp4'")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
@@ -109,7 +116,7 @@ class QLoRA(LoRA):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise RuntimeError("strategy=qlora needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError("strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
@@ -117,7 +124,13 @@ class QLoRA(LoRA):
             load_in_4bit=True, bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=self._compute_dtype(device),
         )
-        model = base.load(quantization_config=quantization, device_map={"": device})
+        try:
+            model = base.load(quantization_config=quantization, device_map={"": device})
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+            raise ConfigError(
+                f"strategy=qlora: bitsandbytes cannot load 4-bit weights on device {device} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); use strategy=lora or another device"
+            ) from e
         return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=self.gradient_checkpointing,
             gradient_checkpointing_kwargs=_NON_REENTRANT,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataloader may fork after tokenizing
 
@@ -17,12 +18,17 @@ from typing import Any  # noqa: E402
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.errors import FlanSquadError  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
-from flan_squad.results import CostMonitor, summary, write_json_atomic  # noqa: E402
+from flan_squad.results import (  # noqa: E402
+    CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,14 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    # DDP children re-run this after rank 0 has checked (and, with overwrite, cleared) the run dir.
+    ckpt_path = prepare_run_dir(output_dir, cfg.resume, cfg.ckpt_path, cfg.overwrite)
+    if _is_rank_zero():
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
     base = instantiate(cfg.model, _convert_="all")
+    base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
     tokenizer = base.load_tokenizer()
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed)
     strategy = instantiate(cfg.strategy, _convert_="all")
@@ -44,12 +54,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
     if trainer.is_global_zero:
-        strategy.save(module.model, tokenizer, output_dir / "model")
+        write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
     metrics = {
         **module.scores,
         "strategy": strategy.name,
@@ -70,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "device": str(trainer.strategy.root_device),
         **datamodule.stats,
         "best_checkpoint": os.path.relpath(best, output_dir) if best else None,
+        "resumed_from": ckpt_path,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
@@ -79,9 +90,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _is_rank_zero() -> bool:
+    # Before the Trainer exists: DDP child processes are started with their rank in the environment.
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["f1"]  # what a sweeper maximises
+    try:
+        return train(cfg)["f1"]  # what a sweeper maximises
+    except FlanSquadError as e:
+        log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed and goes on
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""Callbacks that tests add to a run through Hydra (`+callbacks.name._target_=fault_injection.X`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class SlowSteps(L.Callback):
+    """Sleeps before each step and records the step about to run, so a test can kill the run mid-epoch.
+
+    When step k starts, the checkpoint written at the end of step k-1 is complete on disk.
+    """
+
+    def __init__(self, marker: str, seconds: float = 0.3):
+        self.marker, self.seconds = Path(marker), seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.marker.write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
+
+
+class PoisonWeightsAtStep(L.Callback):
+    """Fills the trainable weights with NaN before step `step`: the loss of that step is not finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.requires_grad:
+                        p.fill_(math.nan)

@@ -1,0 +1,65 @@
+"""Multi-process training (DDP on CPU with gloo) and the scale-out configs (GPU, FSDP, SLURM launcher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import SHARED, compose_config
+from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.model import SquadQAModule
+
+
+def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_dir):
+    run_dir = tmp_path / "ddp"
+    # 13 validation questions over 2 processes: the distributed sampler pads one duplicate.
+    overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=16",
+                 "dataset.limit_val=13", "trainer.max_epochs=1", f"paths.cache_dir={cache_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
+    result = subprocess.run(
+        [sys.executable, "-m", "flan_squad.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=2", f"hydra.run.dir={run_dir}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # the second process wrote into the same run dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    predictions = json.loads((run_dir / "predictions.json").read_text())
+    assert metrics["total"] == metrics["val_examples"] == len(predictions) == 13
+    assert metrics["train_examples_seen"] == 16 and metrics["optimizer_steps"] == 1  # 2 x 8 in one step
+    assert result.stdout.count("flan-squad · lora") == 1  # one summary: only rank 0 reports
+
+    # The same trained adapter, evaluated in one process, gives the same answers and scores.
+    cfg = compose_config(overrides + ["dataset=squad_v2"], output_dir=tmp_path / "single", cache=cache_dir)
+    base, strategy = instantiate(cfg.model, _convert_="all"), instantiate(cfg.strategy, _convert_="all")
+    tokenizer = base.load_tokenizer()
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed)
+    module = SquadQAModule(base, strategy, tokenizer, "v2", cfg.eval.max_new_tokens)
+    module.model = strategy.load(run_dir / "model", base, torch.device("cpu"))
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(module, datamodule)
+    assert module.predictions == predictions
+    assert module.scores["exact"] == metrics["exact"] and module.scores["f1"] == metrics["f1"]
+
+
+def test_scale_out_configs_compose(tmp_path):
+    ddp = compose_config(["trainer=ddp"], output_dir=tmp_path)
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
+    fsdp = compose_config(["trainer=fsdp", "model=flan_t5_large"], output_dir=tmp_path)
+    strategy = instantiate(fsdp.trainer.strategy)
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.t5.modeling_t5 import T5Block
+    assert isinstance(strategy, FSDPStrategy) and fsdp.trainer.accelerator == "gpu"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {T5Block}
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                        return_hydra_config=True)
+    launcher = slurm.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 720
