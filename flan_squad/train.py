@@ -24,7 +24,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.errors import FlanSquadError  # noqa: E402
+from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import (  # noqa: E402
     CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
@@ -95,9 +95,19 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
 
 
+def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    several = cfg.trainer.get("devices", 1) not in (1, "1") or cfg.trainer.get("num_nodes", 1) != 1
+    if hydra_cfg.mode == RunMode.MULTIRUN and several and "BasicLauncher" in hydra_cfg.launcher._target_:
+        # Lightning starts the other DDP processes by re-running this command line: with -m, the whole sweep.
+        raise ConfigError("several devices per job inside a local multirun (-m) is not supported: run each job "
+                          "on its own, or sweep with hydra/launcher=slurm (one SLURM job per sweep job)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
+        _refuse_ddp_in_local_multirun(cfg)
         return train(cfg)["f1"]  # what a sweeper maximises
     except FlanSquadError as e:
         log.error("%s", e)
