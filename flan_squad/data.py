@@ -276,6 +276,7 @@ class SquadDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         eval_stride: int | None = None,
+        val_split: str = "validation",
     ):
         super().__init__()
         if version not in INSTRUCTIONS:
@@ -288,6 +289,7 @@ class SquadDataModule(L.LightningDataModule):
         self.limit_train, self.limit_val, self.seed = limit_train, limit_val, seed
         self.num_workers = num_workers
         self.eval_stride = eval_stride  # validation splits long contexts into windows (None: truncates)
+        self.val_split = val_split  # the hub split validated on when validation_file is None
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.stats: dict[str, int] = {}
@@ -325,7 +327,7 @@ class SquadDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._val is None:
-            self.val_questions, source = self._read(self.validation_file, "validation", self.limit_val)
+            self.val_questions, source = self._read(self.validation_file, self.val_split, self.limit_val)
             self._val = self._encode(self.val_questions, source, "val", self.eval_stride)
         if stage in (None, "fit") and self._train is None:
             self.train_questions, source = self._read(self.train_file, "train", self.limit_train)
