@@ -147,7 +147,7 @@ def snap_to_context(answer: str, context: str, spellable: Callable[[str], bool] 
     """
     if not answer or answer in context:
         return answer
-    answer_key, _ = _snap_key(answer, None)
+    answer_key, _ = _snap_key(answer, spellable)
     if not answer_key:
         return answer
     context_key, index = _snap_key(context, spellable)
