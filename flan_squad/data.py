@@ -140,6 +140,8 @@ class EncodeStats:
     truncated: int = 0  # context cut to fit max_source_length
     answer_lost: int = 0  # ... and no gold answer survives in what was kept
     answer_not_in_context: int = 0  # gold answer text not found in the context at all (data problem)
+    windowed: int = 0  # questions whose context was split into several windows (evaluation only)
+    windows: int = 0  # model inputs made (one per question, or one per window)
 
     def as_dict(self, prefix: str) -> dict[str, int]:
         return {f"{prefix}_{k}": v for k, v in self.__dict__.items()}
@@ -151,6 +153,7 @@ class Encoded:
     input_ids: list[list[int]]
     labels: list[list[int]]
     stats: EncodeStats = field(default_factory=EncodeStats)
+    windows: list[int] = field(default_factory=list)  # window number within its question (0 when not split)
 
 
 def _answer_end(question: Question) -> int | None:
@@ -171,8 +174,14 @@ def encode(
     max_source_length: int,
     max_target_length: int,
     source: str = "",
+    stride: int | None = None,
 ) -> Encoded:
-    """Tokenize prompts and targets; truncate only the context. `source` names the data in errors."""
+    """Tokenize prompts and targets; `source` names the data in errors.
+
+    A context too long for `max_source_length` is truncated (stride=None, for training), or split into
+    overlapping windows that share `stride` tokens (at most half a window), one model input per window
+    (for evaluation, so that no part of the context goes unread).
+    """
     instruction_ids = tokenizer(INSTRUCTIONS[version], add_special_tokens=False).input_ids
     contexts = list(dict.fromkeys(q.context for q in questions))  # paragraphs repeat ~5x: encode once
     context_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True)
@@ -181,8 +190,8 @@ def encode(
     targets = [(q.answers[0] if q.answers else UNANSWERABLE) for q in questions]
     labels = tokenizer(targets, max_length=max_target_length, truncation=True).input_ids
 
-    out = Encoded(ids=[], input_ids=[], labels=labels, stats=EncodeStats(examples=len(questions)))
-    for q, q_ids in zip(questions, question_ids):
+    out = Encoded(ids=[], input_ids=[], labels=[], stats=EncodeStats(examples=len(questions)))
+    for q, q_ids, q_labels in zip(questions, question_ids, labels):
         c = context_index[q.context]
         c_ids, offsets = context_enc.input_ids[c], context_enc.offset_mapping[c]
         budget = max_source_length - len(instruction_ids) - len(q_ids) - 1  # 1 for </s>
@@ -194,14 +203,22 @@ def encode(
         answer_end = _answer_end(q) if q.answers else None
         if q.answers and answer_end is None:
             out.stats.answer_not_in_context += 1
-        if len(c_ids) > budget:
+        starts = [0]
+        if len(c_ids) > budget and stride is not None:
+            step = budget - min(stride, budget // 2)
+            starts = list(range(0, len(c_ids) - budget, step)) + [len(c_ids) - budget]
+            out.stats.windowed += 1
+        elif len(c_ids) > budget:
             out.stats.truncated += 1
             kept_chars = offsets[budget - 1][1]
             if answer_end is not None and answer_end > kept_chars:
                 out.stats.answer_lost += 1
-            c_ids = c_ids[:budget]
-        out.ids.append(q.id)
-        out.input_ids.append(instruction_ids + c_ids + q_ids + [tokenizer.eos_token_id])
+        for w, start in enumerate(starts):
+            out.ids.append(q.id)
+            out.windows.append(w)
+            out.labels.append(q_labels)
+            out.input_ids.append(instruction_ids + c_ids[start : start + budget] + q_ids + [tokenizer.eos_token_id])
+    out.stats.windows = len(out.ids)
     return out
 
 
@@ -216,7 +233,8 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, Any]:
         input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
         attention_mask[i, : len(f["input_ids"])] = 1
         labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
-    return {"ids": [f["id"] for f in features], "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"ids": [f["id"] for f in features], "windows": [f.get("window", 0) for f in features],
+            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class _Features(torch.utils.data.Dataset):
@@ -229,7 +247,8 @@ class _Features(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         j = self.order[i]
-        return {"id": self.encoded.ids[j], "input_ids": self.encoded.input_ids[j], "labels": self.encoded.labels[j]}
+        return {"id": self.encoded.ids[j], "window": self.encoded.windows[j], "input_ids": self.encoded.input_ids[j],
+                "labels": self.encoded.labels[j]}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -306,6 +325,8 @@ class SquadDataModule(L.LightningDataModule):
         limit_val: int | None = None,
         seed: int = 42,
         num_workers: int = 0,
+        eval_stride: int | None = None,
+        val_split: str = "validation",
     ):
         super().__init__()
         if version not in INSTRUCTIONS:
@@ -324,6 +345,8 @@ class SquadDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.limit_train, self.limit_val, self.seed = limit_train, limit_val, seed
         self.num_workers = num_workers
+        self.eval_stride = eval_stride  # validation splits long contexts into windows (None: truncates)
+        self.val_split = val_split  # the hub split validated on when validation_file is None
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.stats: dict[str, int] = {}
@@ -346,12 +369,13 @@ class SquadDataModule(L.LightningDataModule):
         except DataError as e:
             raise DataError(f"{source}: {e}") from None
 
-    def _encode(self, questions: list[Question], source: str, prefix: str) -> Encoded:
+    def _encode(self, questions: list[Question], source: str, prefix: str, stride: int | None = None) -> Encoded:
         encoded = encode(questions, self.tokenizer, self.version, self.max_source_length,
-                         self.max_target_length, source)
+                         self.max_target_length, source, stride)
         s = encoded.stats
-        log.info("%s: %d questions, %d contexts truncated to %d tokens (%d lost their gold answer)",
-                 source, s.examples, s.truncated, self.max_source_length, s.answer_lost)
+        log.info("%s: %d questions, %d contexts truncated to %d tokens (%d lost their gold answer), "
+                 "%d split into windows (%d inputs)", source, s.examples, s.truncated, self.max_source_length,
+                 s.answer_lost, s.windowed, s.windows)
         if s.answer_not_in_context:
             log.warning("%s: %d questions have no gold answer text inside their context",
                         source, s.answer_not_in_context)
@@ -360,8 +384,8 @@ class SquadDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._val is None:
-            self.val_questions, source = self._read(self.validation_file, "validation", self.limit_val)
-            self._val = self._encode(self.val_questions, source, "val")
+            self.val_questions, source = self._read(self.validation_file, self.val_split, self.limit_val)
+            self._val = self._encode(self.val_questions, source, "val", self.eval_stride)
         if stage in (None, "fit") and self._train is None:
             self.train_questions, source = self._read(self.train_file, "train", self.limit_train)
             self._train = self._encode(self.train_questions, source, "train")

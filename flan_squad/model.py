@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flan_squad.errors import ConfigError, FlanSquadError, TrainingError
-from flan_squad.inference import generate_answers
+from flan_squad.inference import answer_windows, collect_answers, run_encoder, spellable_by
 from flan_squad.metrics import score
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,18 @@ class SquadQAModule(L.LightningModule):
     """
 
     def __init__(self, base: BaseModel, strategy, tokenizer, version: str, max_new_tokens: int = 32,
-                 weight_decay: float = 0.0, warmup_ratio: float = 0.1):
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.1, snap_to_context: bool = True,
+                 model: nn.Module | None = None):
         super().__init__()
         self.base, self.strategy, self.tokenizer, self.version = base, strategy, tokenizer, version
         self.max_new_tokens, self.weight_decay, self.warmup_ratio = max_new_tokens, weight_decay, warmup_ratio
-        self.model: nn.Module | None = None
+        self.snap_to_context = snap_to_context
+        self.model: nn.Module | None = model  # given: evaluate a model as it is (flan_squad.evaluate)
         self.strict_loading = False  # checkpoints hold the trainable parameters only (see on_save_checkpoint)
+        self.windows: dict[tuple[str, int], Any] = {}  # (question id, window) -> WindowAnswer
         self.predictions: dict[str, str] = {}
+        self.na_probs: dict[str, float] | None = None  # SQuAD v2: see flan_squad.inference
+        self.answer_stats: dict[str, int] = {}
         self.scores: dict[str, float] = {}
 
     # --- model -----------------------------------------------------------------------------------
@@ -213,28 +218,37 @@ class SquadQAModule(L.LightningModule):
 
     # --- validation --------------------------------------------------------------------------------
 
+    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.inference):
+    # every context window is answered and scored, then each question gets its best window's answer,
+    # snapped to the context, and (v2) a no-answer probability.
+
     def on_validation_epoch_start(self) -> None:
-        self.predictions = {}
+        self.windows = {}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        encoder_outputs = run_encoder(self.model, batch["input_ids"], batch["attention_mask"])
+        loss = self.model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
-        answers = generate_answers(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
-                                   self.max_new_tokens)
-        self.predictions.update(zip(batch["ids"], answers))
+        answers = answer_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                 self.max_new_tokens, no_answer=self.version == "v2", encoder_outputs=encoder_outputs)
+        self.windows.update(zip(zip(batch["ids"], batch.get("windows", [0] * len(answers))), answers))
 
     def on_validation_epoch_end(self) -> None:
-        predictions = _gather_predictions(self.predictions)
+        windows = _gather_predictions(self.windows)
         if self.trainer.sanity_checking:
             return
-        questions = [q for q in self.trainer.datamodule.val_questions if q.id in predictions]
+        by_question: dict[str, list] = {}
+        for (qid, _), answer in sorted(windows.items(), key=lambda item: item[0]):
+            by_question.setdefault(qid, []).append(answer)
+        questions = [q for q in self.trainer.datamodule.val_questions if q.id in by_question]
         skipped = len(self.trainer.datamodule.val_questions) - len(questions)
         if skipped:
             log.warning("validation covered %d of %d questions (trainer.limit_val_batches?): scoring those only",
                         len(questions), len(questions) + skipped)
-        self.predictions = {q.id: predictions[q.id] for q in questions}  # dataset order
-        self.scores = score(self.version, questions, self.predictions)
+        answers = collect_answers(questions, by_question, self.snap_to_context, spellable_by(self.tokenizer))
+        self.predictions, self.na_probs, self.answer_stats = answers.predictions, answers.na_probs, answers.stats
+        self.scores = score(self.version, questions, self.predictions, self.na_probs)
         for key, value in self.scores.items():  # identical on every process: no sync needed
             self.log(f"val/{key}", float(value), prog_bar=key in ("exact", "f1"))
 
@@ -272,7 +286,7 @@ def _restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _gather_predictions(local: dict[str, str]) -> dict[str, str]:
+def _gather_predictions(local: dict) -> dict:
     """Merge every process's predictions; the distributed sampler's padding repeats ids, which merge away."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local

@@ -1,7 +1,7 @@
 """Fine-tune a FLAN-T5 model on SQuAD: `python -m flan_squad.train strategy=qlora dataset=squad_v2`.
 
 Instantiates what the config describes, fits, validates the best checkpoint, and writes the run's
-artefacts into its Hydra run dir: `metrics.json`, `predictions.json`, `config.yaml`, `model/`,
+artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2), `config.yaml`, `model/`,
 `checkpoints/` and `tensorboard/`.
 """
 
@@ -45,10 +45,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     base = instantiate(cfg.model, _convert_="all")
     base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
     tokenizer = base.load_tokenizer()
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed)
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, eval_stride=cfg.eval.stride)
     strategy = instantiate(cfg.strategy, _convert_="all")
     module = SquadQAModule(base, strategy, tokenizer, datamodule.version, cfg.eval.max_new_tokens,
-                           cfg.optim.weight_decay, cfg.optim.warmup_ratio)
+                           cfg.optim.weight_decay, cfg.optim.warmup_ratio, cfg.eval.snap_to_context)
     cost = CostMonitor()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [cost]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
     metrics = {
         **module.scores,
+        **module.answer_stats,
         "strategy": strategy.name,
         "model": base.name,
         "init": base.init,
@@ -85,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "predictions.json", module.predictions)
+        if module.na_probs is not None:  # SQuAD v2
+            write_json_atomic(output_dir / "na_probs.json", module.na_probs)
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(summary(metrics, output_dir), flush=True)
     return metrics

@@ -50,16 +50,18 @@ def cpu() -> torch.device:
     return torch.device("cpu")
 
 
-def compose_config(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None):
-    """Compose conf/train.yaml as `@hydra.main` would, with the run dir (and weight cache) in tmp dirs."""
+def compose_config(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None,
+                   config_name: str = "train"):
+    """Compose conf/<config_name>.yaml as `@hydra.main` would, with the run dir (and weight cache) in tmp dirs."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
     with open_dict(cfg):
         del cfg["hydra"]  # as in @hydra.main, the job config does not carry the hydra node
-        if output_dir is not None:
-            cfg.paths.output_dir = str(output_dir)
-        if cache is not None:
-            cfg.paths.cache_dir = str(cache)
-        cfg.paths.shared_dir = str(SHARED)
+        if "paths" in cfg:
+            cfg.paths.shared_dir = str(SHARED)
+            if output_dir is not None:
+                cfg.paths.output_dir = str(output_dir)
+            if cache is not None:
+                cfg.paths.cache_dir = str(cache)
     return cfg

@@ -7,14 +7,12 @@ import os
 import subprocess
 import sys
 
-import lightning as L
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import SHARED, compose_config
 from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
-from flan_squad.model import SquadQAModule
+from flan_squad.evaluate import evaluate
 
 
 def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_dir):
@@ -35,16 +33,13 @@ def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_
     assert metrics["train_examples_seen"] == 16 and metrics["optimizer_steps"] == 1  # 2 x 8 in one step
     assert result.stdout.count("flan-squad · lora") == 1  # one summary: only rank 0 reports
 
-    # The same trained adapter, evaluated in one process, gives the same answers and scores.
-    cfg = compose_config(overrides + ["dataset=squad_v2"], output_dir=tmp_path / "single", cache=cache_dir)
-    base, strategy = instantiate(cfg.model, _convert_="all"), instantiate(cfg.strategy, _convert_="all")
-    tokenizer = base.load_tokenizer()
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed)
-    module = SquadQAModule(base, strategy, tokenizer, "v2", cfg.eval.max_new_tokens)
-    module.model = strategy.load(run_dir / "model", base, torch.device("cpu"))
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(module, datamodule)
-    assert module.predictions == predictions
-    assert module.scores["exact"] == metrics["exact"] and module.scores["f1"] == metrics["f1"]
+    # The same trained adapter, restored and evaluated in one process, gives the same answers and scores.
+    cfg = compose_config(overrides + [f"run_dir={run_dir}", "trainer=cpu"], output_dir=tmp_path / "single",
+                         cache=cache_dir, config_name="evaluate")
+    single = evaluate(cfg)
+    assert json.loads((tmp_path / "single" / "predictions.json").read_text()) == predictions
+    assert single["exact"] == metrics["exact"] and single["f1"] == metrics["f1"] and single["total"] == 13
+    assert single["best_f1"] == metrics["best_f1"]
 
 
 def test_scale_out_configs_compose(tmp_path):

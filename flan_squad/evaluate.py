@@ -1,0 +1,111 @@
+"""Evaluate without training: `python -m flan_squad.evaluate [run_dir=...] dataset=squad_v2`.
+
+A base model as it is (the "before fine-tuning" baseline), or a finished run restored exactly as trained,
+answered through the very validation path of training (`SquadQAModule`: context windows, no-answer
+probabilities, snapping) and scored with the official rules. Writes `predictions.json`, `na_probs.json`
+(v2), `metrics.json` and `config.yaml` into its own run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
+from flan_squad.runs import restore  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed)
+
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[TQDMProgressBar()],
+                                     enable_checkpointing=False)
+    device = trainer.strategy.root_device
+    peak = PeakMemory(device)
+    peak.reset()
+    restored = restore(cfg, device)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, seed=cfg.seed,
+                             eval_stride=cfg.eval.stride, val_split=cfg.split)
+    if restored.version != datamodule.version:
+        log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
+                    restored.source, restored.version, datamodule.version, datamodule.name)
+    module = SquadQAModule(restored.base, restored.strategy, restored.tokenizer, datamodule.version,
+                           cfg.eval.max_new_tokens, snap_to_context=cfg.eval.snap_to_context, model=restored.model)
+    started = time.perf_counter()
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    seconds = time.perf_counter() - started
+
+    metrics = {
+        **module.scores,
+        **module.answer_stats,
+        "evaluated": restored.source,
+        "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
+        "strategy": restored.strategy.name if cfg.get("run_dir") else None,
+        "model": restored.base.name,
+        "init": restored.base.init,
+        "dataset": datamodule.name,
+        "squad_version": datamodule.version,
+        "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
+        "val_examples": len(datamodule.val_questions),
+        **count_parameters(restored.model),
+        "eval_time_s": round(seconds, 3),
+        "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
+        "peak_memory_mb": round(peak.read_mb(), 1),
+        "peak_memory_kind": peak.kind,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "stride": cfg.eval.stride,
+        "snap_to_context": cfg.eval.snap_to_context,
+        "device": str(device),
+        **datamodule.stats,
+        "output_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "predictions.json", module.predictions)
+        if module.na_probs is not None:
+            write_json_atomic(output_dir / "na_probs.json", module.na_probs)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        print(_summary(metrics), flush=True)
+    return metrics
+
+
+def _summary(m: dict[str, Any]) -> str:
+    lines = [
+        f"flan-squad evaluate · {m['evaluated']} · {m['dataset']} ({m['split']})",
+        f"  scores     exact {m['exact']:.2f}  f1 {m['f1']:.2f}  on {m['total']} questions"
+        + (f"  (best_f1 {m['best_f1']:.2f} at na_prob > {m['best_f1_thresh']:.3g})" if "best_f1" in m else ""),
+        f"  answering  {m['multi_window_questions']} questions needed >1 window, {m['snapped_answers']} answers "
+        f"snapped to the context, {m['eval_time_s']:.1f} s ({m['eval_questions_per_s']:.2f} questions/s)",
+        f"  artefacts  {m['output_dir']}",
+    ]
+    if m["init"] == "random":
+        lines.insert(1, "  NOTE       random-init weights: these scores say nothing about FLAN-T5's accuracy")
+    width = max(len(line) for line in lines)
+    return "\n".join(["=" * width, *lines, "=" * width])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["f1"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Export a run as a standalone Hugging Face model: `python -m flan_squad.export run_dir=... output_dir=...`.
+
+The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer beside it) and needs
+neither PEFT nor this project. LoRA adapters are merged into their base; QLoRA adapters into a
+full-precision reload of the base (merging into 4-bit weights would round the update away), so a QLoRA
+export computes W + BA where the run computed dequant(NF4(W)) + BA: answers can differ slightly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from flan_squad import config  # noqa: E402,F401
+from flan_squad.results import write_json_atomic  # noqa: E402
+from flan_squad.runs import RunError, run_config  # noqa: E402
+from flan_squad.strategies import LoRA  # noqa: E402
+
+
+def export(run_dir: str | Path, output_dir: str | Path) -> Path:
+    from hydra.utils import instantiate
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        # never overwrite; and a dir holding adapter files would re-apply them on load
+        raise RunError(f"output_dir={output_dir}: exists and is not empty; export into a new dir")
+    cfg = run_config(run_dir)
+    base = instantiate(cfg.model, _convert_="all")
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    cpu = torch.device("cpu")
+    model_dir = run_dir / "model"
+    if isinstance(strategy, LoRA):  # lora and qlora: adapters on a full-precision base, merged
+        model = PeftModel.from_pretrained(base.load(), model_dir).merge_and_unload()
+    else:
+        model = strategy.load(model_dir, base, cpu)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / "flan_squad_export.json", {
+            "run_dir": str(run_dir.resolve()), "strategy": strategy.name, "base": base.label,
+            "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
+            "merged": isinstance(strategy, LoRA),
+        })
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = export(cfg.run_dir, cfg.output_dir)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {cfg.run_dir} to {path}: AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})")
+
+
+if __name__ == "__main__":
+    main()

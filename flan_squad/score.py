@@ -1,0 +1,126 @@
+"""Score a predictions file like the official SQuAD scripts: `python -m flan_squad.score DATA PRED`.
+
+A drop-in for `evaluate-v1.1.py` / `evaluate-v2.0.py`: the SQuAD version is read from the data file, and
+the printed JSON has the official script's keys, values and layout (v1.1: `exact_match`, `f1`; v2.0:
+`exact`, `f1`, `total`, `HasAns_*`, `NoAns_*`, and `best_*` with `--na-prob-file`). The numbers come
+from `flan_squad.metrics`, the one implementation of the official rules that training and evaluation use.
+
+Unlike the official scripts, a question without a prediction is an error (v1.1 would score it 0, v2.0
+would drop it from the total and then crash); `--allow-missing` scores each such question as wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from flan_squad.data import DataError, read_squad_file
+from flan_squad.metrics import Question, evaluate_v1, evaluate_v2, normalize_answer
+from flan_squad.results import write_json_atomic
+
+
+class ScoreError(ValueError):
+    """An input file that cannot be scored; the message names it."""
+
+
+def read_json_object(path: str | Path, what: str, value_type: type | tuple) -> dict:
+    """Read `{question_id: value}` JSON, naming the file and the first bad entry on error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ScoreError(f"{path}: no such {what} file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScoreError(f"{path}: not a UTF-8 JSON {what} file ({e})") from None
+    if not isinstance(data, dict):
+        raise ScoreError(f"{path}: expected a JSON object {{question_id: {what}}}, found {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(value, value_type) or isinstance(value, bool):
+            raise ScoreError(f"{path}: the {what} for {key!r} is {type(value).__name__} ({value!r:.40})")
+    return data
+
+
+def wrong_answer(question: Question) -> str:
+    """A prediction that scores 0 on `question` under both versions' rules: non-empty, no shared token."""
+    gold_tokens = {t for a in question.answers for t in normalize_answer(a).split()}
+    filler = "\u2205"  # survives normalisation (not ASCII punctuation), so it is never "no answer"
+    while filler in gold_tokens:
+        filler += "\u2205"
+    return filler
+
+
+def official_scores(
+    version: str,
+    questions: Sequence[Question],
+    predictions: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+    na_prob_thresh: float = 1.0,
+    allow_missing: bool = False,
+) -> tuple[dict, list[str]]:
+    """The official script's output for `version`, and the ids that had no prediction.
+
+    A missing prediction raises `ScoreError` unless `allow_missing`, which scores it as wrong (and, on
+    v2, as answered with no-answer probability 0, so no threshold can make it right).
+    """
+    missing = [q.id for q in questions if q.id not in predictions]
+    if missing and not allow_missing:
+        raise ScoreError(
+            f"{len(missing)} of {len(questions)} questions have no prediction, e.g. {missing[:5]} "
+            f"(--allow-missing scores them as wrong)"
+        )
+    predictions = dict(predictions)
+    for q in questions:
+        if q.id not in predictions:
+            predictions[q.id] = wrong_answer(q)
+    if version == "v1":
+        return evaluate_v1(questions, predictions), missing
+    if na_probs is not None:
+        na_probs = {**na_probs, **{qid: 0.0 for qid in missing}}
+        lacking = [qid for qid in predictions if qid not in na_probs]
+        if lacking:
+            raise ScoreError(f"no no-answer probability for {len(lacking)} predicted question(s), e.g. {lacking[:5]}")
+    return evaluate_v2(questions, predictions, na_probs, na_prob_thresh), missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flan_squad.score",
+        description="Score SQuAD v1.1/v2.0 predictions exactly like the official evaluation scripts.",
+    )
+    parser.add_argument("data_file", help="official-format SQuAD JSON (its version picks the rules)")
+    parser.add_argument("pred_file", help="predictions JSON: {question_id: answer}, \"\" for no answer")
+    parser.add_argument("--na-prob-file", "-n", help="v2.0: {question_id: probability of no answer}")
+    parser.add_argument("--na-prob-thresh", "-t", type=float, default=1.0,
+                        help="v2.0: predict \"\" where the no-answer probability exceeds this (default 1.0)")
+    parser.add_argument("--out-file", "-o", help="write the scores JSON here instead of stdout")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score questions without a prediction as wrong instead of failing")
+    args = parser.parse_args(argv)
+    try:
+        version, questions = read_squad_file(args.data_file)
+        predictions = read_json_object(args.pred_file, "prediction", str)
+        na_probs = None
+        if args.na_prob_file:
+            if version != "v2":
+                raise ScoreError(f"--na-prob-file: {args.data_file} is SQuAD v1.1 data, which has no no-answer scores")
+            na_probs = read_json_object(args.na_prob_file, "no-answer probability", (int, float))
+        result, missing = official_scores(version, questions, predictions, na_probs, args.na_prob_thresh,
+                                          args.allow_missing)
+    except (DataError, ScoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"{len(missing)} of {len(questions)} questions had no prediction and were scored as wrong",
+              file=sys.stderr)
+    if args.out_file:
+        write_json_atomic(args.out_file, result)
+    else:  # the official scripts' layouts: v1.1 on one line, v2.0 indented
+        print(json.dumps(result) if version == "v1" else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""evaluate, predict and export round trips on one tiny LoRA run (SQuAD v2, contexts long enough for windows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import SHARED, compose_config
+from flan_squad.config import PROJECT_ROOT
+from flan_squad.data import read_squad_file
+from flan_squad.evaluate import evaluate
+from flan_squad.export import export
+from flan_squad.inference import answer_questions
+from flan_squad.predict import predict
+from flan_squad.runs import RunError, load_run
+from flan_squad.train import train
+
+SMALL = ["experiment=smoke", "dataset=squad_v2", "dataset.limit_val=8", "dataset.max_source_length=128",
+         "eval.stride=32", "eval.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("lora_run")
+    cfg = compose_config([*SMALL, "strategy=lora", "dataset.limit_train=8", "trainer.max_epochs=1", "logger=csv"],
+                         output_dir=run_dir, cache=cache_dir)
+    train(cfg)
+    return run_dir
+
+
+def test_training_writes_na_probs_and_threshold_metrics(lora_run):
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    na_probs = json.loads((lora_run / "na_probs.json").read_text())
+    predictions = json.loads((lora_run / "predictions.json").read_text())
+    assert set(na_probs) == set(predictions) and all(0.0 <= p <= 1.0 for p in na_probs.values())
+    assert {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"} <= metrics.keys()
+    assert metrics["multi_window_questions"] > 0 and metrics["val_windows"] > metrics["val_examples"]
+    assert "snapped_answers" in metrics and "unanswerable" not in {a.lower() for a in predictions.values()}
+
+
+def test_evaluate_a_run_reproduces_its_validation(lora_run, tmp_path, cache_dir):
+    cfg = compose_config([*SMALL, f"run_dir={lora_run}"], config_name="evaluate", output_dir=tmp_path, cache=cache_dir)
+    metrics = evaluate(cfg)
+    trained = json.loads((lora_run / "metrics.json").read_text())
+    assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((lora_run / "predictions.json").read_text())
+    assert json.loads((tmp_path / "na_probs.json").read_text()) == pytest.approx(
+        json.loads((lora_run / "na_probs.json").read_text()), rel=1e-4)
+    for key in ("exact", "f1", "total", "HasAns_total", "NoAns_total", "multi_window_questions"):
+        assert metrics[key] == trained[key], key
+    assert metrics["strategy"] == "lora" and metrics["init"] == "random"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["evaluated"] == f"run {lora_run}" and on_disk["val_examples"] == 8
+
+
+def test_evaluate_a_base_model_on_v1_without_windows(tmp_path, cache_dir):
+    cfg = compose_config(["experiment=smoke", "dataset=squad_v1", "dataset.limit_val=4", "eval.stride=null",
+                                     "dataset.max_source_length=64", "eval.max_new_tokens=4"], config_name="evaluate",
+                        output_dir=tmp_path, cache=cache_dir)
+    metrics = evaluate(cfg)
+    assert metrics["evaluated"].startswith("base model t5-tiny") and metrics["total"] == 4
+    assert metrics["multi_window_questions"] == 0 and metrics["val_truncated"] == 4
+    assert not (tmp_path / "na_probs.json").exists() and "best_f1" not in metrics
+    assert len(json.loads((tmp_path / "predictions.json").read_text())) == 4
+
+
+def test_predict_from_a_run_matches_evaluation(lora_run, tmp_path, cache_dir):
+    predictions = json.loads((lora_run / "predictions.json").read_text())
+    questions = [q for q in read_squad_file(SHARED / "data/squad/v2.0/dev-v2.0.reconstructed.json")[1]
+                 if q.id in predictions]
+    input_file = tmp_path / "questions.jsonl"
+    input_file.write_text("\n".join(json.dumps({"id": q.id, "question": q.question, "context": q.context})
+                                    for q in questions), encoding="utf-8")
+    cfg = compose_config([f"run_dir={lora_run}", f"input_file={input_file}", "dataset.max_source_length=128",
+                                    "eval.stride=32", "eval.max_new_tokens=6", "batch_size=3"], config_name="predict", cache=cache_dir)
+    assert predict(cfg) == predictions  # other batches, same answers
+
+
+def test_export_round_trip_gives_the_runs_answers(lora_run, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    out = export(lora_run, tmp_path / "exported")
+    assert not (out / "adapter_config.json").exists()
+    exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    run = load_run(lora_run, torch.device("cpu"))
+    questions = read_squad_file(SHARED / "data/squad/v2.0/dev-v2.0.reconstructed.json")[1][:6]
+    ours = answer_questions(run.model, run.tokenizer, questions, "v2", 128, 32, 8, 6)
+    theirs = answer_questions(exported, tokenizer, questions, "v2", 128, 32, 8, 6)
+    assert ours.predictions == theirs.predictions
+    assert list(ours.na_probs.values()) == pytest.approx(list(theirs.na_probs.values()), rel=1e-3, abs=1e-6)
+    batch = tokenizer(["Where is it? It is in Paris."], return_tensors="pt")
+    labels = tokenizer(["Paris"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(run.model(**batch, labels=labels).logits, exported(**batch, labels=labels).logits, atol=1e-4)
+    with pytest.raises(RunError, match="not empty"):
+        export(lora_run, out)  # never overwrites
+
+
+def test_predict_command_line_single_question(lora_run, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED), "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "flan_squad.predict", f"run_dir={lora_run}",
+                             "question=Where is the tower?", "context=The Eiffel Tower is in Paris.",
+                             "eval.max_new_tokens=4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() and len(result.stdout.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written beside the caller

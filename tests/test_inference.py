@@ -1,0 +1,109 @@
+"""Context windows, window selection, no-answer probabilities and snapping (flan_squad.inference)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flan_squad.data import INSTRUCTIONS, encode, read_squad_file
+from flan_squad.inference import (WindowAnswer, answer_windows, combine_windows, run_encoder, sequence_logprobs,
+                                  snap_to_context, spellable_by)
+from flan_squad.metrics import Question
+from conftest import DEV_V1
+
+
+@pytest.fixture(scope="module")
+def dev_questions():
+    return read_squad_file(DEV_V1)[1][:60]
+
+
+def test_windows_cover_the_whole_context_with_overlap(dev_questions, tokenizer):
+    long_q = max(dev_questions, key=lambda q: len(q.context))
+    enc = encode([long_q], tokenizer, "v1", 96, 16, stride=16)
+    instruction = len(tokenizer(INSTRUCTIONS["v1"], add_special_tokens=False).input_ids)
+    question = len(tokenizer(long_q.question, add_special_tokens=False).input_ids)
+    context_ids = tokenizer(long_q.context, add_special_tokens=False).input_ids
+    pieces = [ids[instruction : len(ids) - question - 1] for ids in enc.input_ids]
+    assert enc.stats.windowed == 1 and enc.stats.truncated == 0 and len(pieces) == enc.stats.windows > 2
+    assert enc.ids == [long_q.id] * len(pieces) and enc.windows == list(range(len(pieces)))
+    assert all(len(ids) <= 96 for ids in enc.input_ids)
+    # consecutive windows overlap by at least the stride, and together they are the whole context
+    covered, position = [], 0
+    for piece in pieces:
+        start = next(s for s in range(position, len(context_ids)) if context_ids[s : s + len(piece)] == piece)
+        assert not covered or covered[-1] - start >= 16
+        covered.append(start + len(piece))
+        position = start + 1
+    assert covered[-1] == len(context_ids) and pieces[0] == context_ids[: len(pieces[0])]
+
+
+def test_short_contexts_get_one_window_and_training_still_truncates(dev_questions, tokenizer):
+    short = encode(dev_questions[:5], tokenizer, "v1", 512, 16, stride=128)
+    assert short.stats.windowed == 0 and short.windows == [0] * 5 and short.ids == [q.id for q in dev_questions[:5]]
+    truncated = encode(dev_questions[:5], tokenizer, "v1", 64, 16)
+    assert truncated.stats.truncated == 5 and truncated.stats.windows == 5
+
+
+def w(text, score, logprob=-1.0, na=None):
+    return WindowAnswer(text, score, logprob, na)
+
+
+def test_best_window_wins_and_unanswerable_needs_every_window():
+    best, na = combine_windows([w("", -0.1, na=-0.5), w("Paris", -0.7, -2.0, -3.0), w("Rome", -0.4, -1.5, -1.0)])
+    assert best.text == "Rome"  # the best-scoring real answer, even though window 0 said "unanswerable"
+    assert na == pytest.approx(1 / (1 + math.exp(-(-1.0 - -1.5))))  # P(u) / (P(u) + P(a)) in Rome's window
+    best, na = combine_windows([w("", -0.1, na=-0.1), w("", -0.2, na=-0.2)])
+    assert best is None and na == 1.0
+    best, na = combine_windows([w("Paris", -0.5)])  # v1: no na_logprob, no probability
+    assert best.text == "Paris" and na is None
+    assert combine_windows([w("a", -1.0, -900.0, -0.1)])[1] == 1.0  # no overflow at the extremes
+    assert combine_windows([w("a", -1.0, -0.1, -900.0)])[1] == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(context=st.text(min_size=1, max_size=60), data=st.data())
+def test_snapping_never_changes_an_answer_found_in_the_context(context, data):
+    start = data.draw(st.integers(0, len(context) - 1))
+    end = data.draw(st.integers(start + 1, len(context)))
+    assert snap_to_context(context[start:end], context) == context[start:end]
+
+
+def test_snapping_maps_unspellable_text_back_to_the_context(tokenizer):
+    spellable = spellable_by(tokenizer)
+    context = "The word naïve ~x comes from French; the {set} is closed; it cost 1000 dollars in São Paulo."
+    for generated, expected in [
+        (tokenizer.decode(tokenizer("naïve ~x").input_ids, skip_special_tokens=True), "naïve ~x"),
+        (tokenizer.decode(tokenizer("São Paulo").input_ids, skip_special_tokens=True), "São Paulo"),
+        ("1,000", "1000"), ("NAÏVE", "naïve"), ("set", "set"),
+    ]:
+        assert generated not in context or generated == expected
+        assert snap_to_context(generated, context, spellable) == expected, generated
+    assert snap_to_context("Berlin", context, spellable) == "Berlin"  # nothing matches: unchanged
+    assert snap_to_context("ost", "it cost 1000", spellable) == "ost"  # inside a word: in context, unchanged
+    assert snap_to_context("OST", "it cost 1000", spellable) == "OST"  # only whole words are snapped to
+    assert snap_to_context("", context, spellable) == ""
+
+
+def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer, dev_questions):
+    model = tiny_base.load().eval()
+    enc = encode(dev_questions[:4], tokenizer, "v2", 128, 16, stride=32)
+    width = max(len(x) for x in enc.input_ids)
+    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in enc.input_ids])
+    mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in enc.input_ids])[:, None]).long()
+    answers = answer_windows(model, tokenizer, input_ids, mask, 6, no_answer=True)
+    with torch.no_grad():
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        labels = generated[:, 1:].clone()
+        for row in labels:  # only up to the first </s> is the answer
+            eos = (row == tokenizer.eos_token_id).nonzero()
+            if len(eos):
+                row[eos[0, 0] + 1 :] = -100
+        expected = sequence_logprobs(model, run_encoder(model, input_ids, mask), mask, labels)
+    assert [a.logprob for a in answers] == pytest.approx(expected.tolist(), abs=1e-4)
+    lengths = (labels != -100).sum(1)
+    assert [a.score for a in answers] == pytest.approx((expected / lengths).tolist(), abs=1e-4)
+    assert all(a.na_logprob is not None and a.na_logprob < 0 for a in answers)
