@@ -42,7 +42,10 @@ class JobStatus(Callback):
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if failed:
-            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            cause = error
+            while cause.__cause__ is not None:  # e.g. Hydra's InstantiationException around a ValueError
+                cause = cause.__cause__
+            record["error"] = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
             record["traceback"] = "".join(traceback.format_exception(error))[-5000:]
             log.error("job %s failed (%s); the sweep goes on and reports it at the end", record["job_num"],
                       record["error"])
@@ -71,15 +74,33 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     size it keeps; `metrics.json` records it as `batch_size`, with `auto_batch_size: true`.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import BatchSizeFinder
 
     callbacks = list(callbacks or [])
     if auto_batch_size:
         if auto_batch_size_max < 2:
             raise ValueError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
                              f"(the finder starts at 2)")
-        callbacks.append(BatchSizeFinder(mode="power", init_val=2, max_val=auto_batch_size_max))
+        callbacks.append(_training_batch_size_finder()(mode="power", init_val=2, max_val=auto_batch_size_max))
     return L.Trainer(callbacks=callbacks, **trainer_kwargs)
+
+
+def _training_batch_size_finder() -> type:
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    class TrainingBatchSizeFinder(BatchSizeFinder):
+        """Lightning's finder, for training only: `trainer.validate()` after fit would otherwise search again
+        (on `batch_size`, which validation does not use) and restore the trainer to its pre-search state."""
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            pass
+
+        def on_test_start(self, trainer, pl_module) -> None:
+            pass
+
+        def on_predict_start(self, trainer, pl_module) -> None:
+            pass
+
+    return TrainingBatchSizeFinder
 
 
 def uses_batch_size_finder(trainer) -> bool:

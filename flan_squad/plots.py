@@ -66,10 +66,17 @@ def _scatter(settings: list[Setting], key: str, label: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(title="strategy")
     ax.margins(0.15)
+    _f1_axis(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _f1_axis(ax) -> None:
+    """F1 is 0-100: no negative range, and some height when every run scored 0 (random init)."""
+    top = max(ax.get_ylim()[1], 1.0)
+    ax.set_ylim(-0.04 * top, top)  # a little room below 0, so points at 0 are not cut in half
 
 
 def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
@@ -104,6 +111,7 @@ def _learning_curves(runs: list[Run], path: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation F1")
     ax.set_title(_title("Learning curves", [run for run, _ in curves]), fontsize=10)
+    _f1_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(title="strategy")
     fig.tight_layout()

@@ -79,7 +79,8 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
             if match.is_file():
                 match = match.parent  # e.g. .../metrics.json
             for marker in RUN_MARKERS:
-                found.update(p.parents[marker.count("/")] for p in match.rglob(marker) if "report" not in p.parts)
+                found.update(p.parents[marker.count("/")] for p in match.rglob(marker)
+                             if "report" not in p.relative_to(match).parts)  # not a copy inside a report
     return sorted(found, key=lambda p: (len(p.parts), _natural(p)))
 
 
@@ -204,7 +205,7 @@ def best_values(settings: list[Setting]) -> dict[tuple[str, str], float]:
             continue
         for key, _, better, _ in COLUMNS:
             means = [m for m in (s.mean(key) for s in rows) if m is not None]
-            if len(means) >= 2:
+            if len(means) >= 2 and max(means) > min(means):  # all equal: nothing to single out
                 best[(dataset, key)] = max(means) if better == "max" else min(means)
     return best
 
