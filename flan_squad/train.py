@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
+from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import (  # noqa: E402
     CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
@@ -75,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "optimizer_steps": trainer.global_step,
         "batch_size": datamodule.batch_size,
+        "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
         "lr": strategy.lr,
         "seed": cfg.seed,
         "precision": str(trainer.precision),

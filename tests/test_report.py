@@ -1,0 +1,166 @@
+"""The comparison report: reading runs, grouping seeds, failed jobs, mixed datasets, the table, CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from flan_squad.report import build_report, find_run_dirs, group, main, read_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = "squad_v1", seed: int = 42,
+             lr: float = 1e-3, rank: int | None = 16, memory: float = 800.0, seconds: float = 60.0,
+             curve: list[tuple[int, float]] | None = None) -> Path:
+    """A run dir as flan_squad.train leaves it: metrics.json, config.yaml, .hydra/, TensorBoard events."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    trainable = 10_000_000 if strategy == "full" else 2 * 16 * rank * 100
+    metrics = {"exact": f1 / 2, "f1": f1, "total": 100, "strategy": strategy, "model": "t5-tiny", "init": "random",
+               "dataset": dataset, "squad_version": dataset[-2:], "trainable_params": trainable,
+               "total_params": 10_000_000, "params_4bit": 0, "train_time_s": seconds,
+               "train_examples_per_s": 480 / seconds, "peak_memory_mb": memory, "peak_memory_kind": "rss",
+               "train_examples": 240, "val_examples": 100, "epochs": 2, "batch_size": 16, "lr": lr, "seed": seed,
+               "precision": "32-true", "device": "cpu"}
+    if dataset == "squad_v2":
+        metrics.update(HasAns_f1=f1 / 3, NoAns_f1=f1 * 1.5, HasAns_exact=0.0, NoAns_exact=f1)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    strategy_cfg = {"lr": lr} if rank is None else {"lr": lr, "rank": rank}
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "strategy": strategy_cfg}))
+    choices = {"strategy": strategy, "dataset": dataset, "model": "t5_tiny"}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"seed={seed}"]))
+    if curve:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tensorboard"))
+        for step, value in curve:
+            writer.add_scalar("val/f1", value, step)
+        writer.close()
+    return run
+
+
+def make_failed(root: Path, name: str, strategy: str, error: str, rank: int = 0) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"strategy": {"lr": "${oc.env:LR}", "rank": rank}}))
+    choices = {"strategy": strategy, "dataset": "squad_v1", "model": "t5_tiny"}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}"]))
+    (run / "status.json").write_text(json.dumps({"status": "failed", "error": error, "overrides": []}))
+    return run
+
+
+def test_seeds_of_one_setting_are_mean_and_spread(tmp_path):
+    for seed, f1 in [(1, 10.0), (2, 20.0), (3, 30.0)]:
+        make_run(tmp_path, f"lora_{seed}", "lora", f1, seed=seed)
+    make_run(tmp_path, "lora_other_lr", "lora", 5.0, lr=3e-4)
+    settings = group([read_run(p) for p in find_run_dirs([str(tmp_path)])])
+    assert [len(s.runs) for s in settings] == [3, 1]  # sorted by F1: the 3-seed setting (mean 20) first
+    three = settings[0]
+    assert three.mean("f1") == pytest.approx(20.0) and three.std("f1") == pytest.approx(10.0)
+    assert sorted(r.get("seed") for r in three.runs) == [1, 2, 3]
+    out, _, _ = build_report([str(tmp_path)])
+    table = (out / "results.md").read_text()
+    assert "20.00 ± 10.00" in table and "ok (n=3)" in table and "1, 2, 3" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert float(rows[0]["f1"]) == pytest.approx(20.0) and float(rows[0]["f1_std"]) == pytest.approx(10.0)
+    assert rows[0]["n_runs"] == "3" and rows[1]["f1_std"] == ""
+
+
+def test_failed_job_and_mixed_datasets(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0", "full", 12.0, rank=None, lr=5e-5, memory=2000.0, seconds=100.0)
+    make_run(sweep, "1", "lora", 8.0, memory=900.0, seconds=50.0)
+    make_failed(sweep, "2", "qlora", "ValueError: strategy.rank=0: must be > 0")
+    make_run(sweep, "3", "qlora", 7.0, dataset="squad_v2", memory=700.0)
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr()
+    table = (sweep / "report" / "results.md").read_text()
+    assert printed.out.startswith(table)  # the table goes to the terminal too
+    assert "failed: ValueError: strategy.rank=0: must be > 0" in table and "failed" in printed.err
+    lines = [line for line in table.splitlines() if line.startswith("| squad")]
+    assert [line.split(" | ")[1] for line in lines] == ["full", "lora r=16", "qlora r=16", "qlora r=0"]
+    assert lines[-1].split(" | ")[0] == "| squad_v1" and "failed" in lines[-1]  # failed rows last
+    header = next(line for line in table.splitlines() if line.startswith("| dataset"))
+    assert "HasAns F1" in header and "NoAns F1" in header  # v2 columns appear when a v2 run is there
+    full, lora, v2 = lines[0].split(" | "), lines[1].split(" | "), lines[2].split(" | ")
+    col = header.split(" | ").index
+    # Best per dataset: full wins F1 on v1, lora wins memory and time; the lone v2 row is not "best" of anything.
+    assert full[col("F1")] == "**12.00**" and lora[col("F1")] == "8.00"
+    assert lora[col("peak memory (MB)")] == "**900**" and full[col("peak memory (MB)")] == "2000"
+    assert lora[col("train time (s)")] == "**50.0**" and "**" not in lines[2]
+    assert v2[col("HasAns F1")] == f"{7.0 / 3:.2f}" and full[col("HasAns F1")] == "–"
+    assert "random init (scores meaningless)" in lines[0] and "Random-init runs" in table
+    rows = list(csv.DictReader((sweep / "report" / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["completed", "completed", "completed", "failed"]
+    assert {r["dataset"] for r in rows} == {"squad_v1", "squad_v2"} and rows[3]["strategy"] == "qlora"
+
+
+def _assert_real_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(3), axis=0)
+    assert len(colours) > 50, f"{path.name}: only {len(colours)} colours: blank?"
+    background = (pixels[..., :3] > 0.98).all(axis=-1).mean()
+    assert background < 0.97, f"{path.name}: {background:.1%} white"
+
+
+def test_every_plot_is_a_png_with_content(tmp_path):
+    sweep = tmp_path / "sweep"
+    f1 = {(3e-4, 4): 1.0, (3e-4, 16): 2.0, (1e-3, 4): 3.0, (1e-3, 16): 4.5}
+    for i, ((lr, rank), value) in enumerate(f1.items()):
+        make_run(sweep, str(i), "lora", value, lr=lr, rank=rank, curve=[(15, value / 2), (30, value)])
+    make_run(sweep, "4", "full", 0.5, rank=None, lr=5e-5, memory=1500.0, curve=[(15, 0.1), (30, 0.5)])
+    out, settings, plots = build_report([str(sweep)], tmp_path / "elsewhere")
+    assert out == tmp_path / "elsewhere" and not (sweep / "report").exists()
+    assert sorted(p.name for p in plots) == ["f1_vs_memory.png", "f1_vs_time.png", "heatmap_lr_rank.png",
+                                             "learning_curves.png"]
+    for plot in plots:
+        _assert_real_png(plot)
+
+
+def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):
+    run = make_run(tmp_path, "only", "lora", 3.0)
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss,val/f1\n0,9,2.5,\n0,10,,1.5\n1,20,,3.0\n")
+    from flan_squad.plots import read_curve
+
+    assert read_curve(read_run(run)) == [(10, 1.5), (20, 3.0)]
+    _, _, plots = build_report([str(run)])
+    assert sorted(p.name for p in plots) == ["f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png"]
+
+
+def test_empty_missing_and_partial_inputs_give_messages(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "nope: no such file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs found under" in capsys.readouterr().err
+    make_failed(tmp_path / "bad", "0", "lora", "RuntimeError: boom")
+    (tmp_path / "bad" / "1" / ".hydra").mkdir(parents=True)  # a job killed before it wrote anything
+    (tmp_path / "bad" / "1" / ".hydra" / "overrides.yaml").write_text("- strategy=full\n")
+    (tmp_path / "bad" / "2").mkdir()
+    (tmp_path / "bad" / "2" / "metrics.json").write_text("{not json")  # a damaged file
+    assert main([str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert "no completed run to compare" in err and "incomplete" in err and "unreadable" in err
+    table = (tmp_path / "bad" / "report" / "results.md").read_text()
+    assert "failed: RuntimeError: boom" in table and "incomplete: no metrics.json" in table
+
+
+def test_globs_and_several_run_dirs(tmp_path):
+    for name in ("a_full", "b_lora", "c_qlora"):
+        make_run(tmp_path / "runs", name, name[2:], 1.0, rank=None if name == "a_full" else 8)
+    out, settings, _ = build_report([str(tmp_path / "runs" / "*_*lora"), str(tmp_path / "runs" / "a_full")])
+    assert out == tmp_path / "runs" / "report"
+    assert sorted(s.first.strategy for s in settings) == ["full", "lora", "qlora"]

@@ -1,0 +1,105 @@
+"""Comparison presets and sweeps: they compose as documented, a failed job is recorded while the others run,
+an lr x rank sweep yields the heat map, Optuna runs trials, and the batch size finder records its choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import SHARED, compose_config
+from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.report import build_report
+from flan_squad.train import train
+
+
+# The smallest real runs: a few questions of the (small) v2 files, one epoch, short answers, no checkpoints.
+TINY = ["dataset.limit_train=8", "dataset.limit_val=4", "trainer.max_epochs=1", "eval.max_new_tokens=4",
+        "callbacks=none"]
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset", ["compare", "compare_cpu"])
+def test_compare_presets_are_multiruns_over_the_three_strategies(preset):
+    cfg = compose_with_hydra([f"experiment={preset}"])
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" or cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.params == {"strategy": "full,lora,qlora"}
+    assert cfg.dataset.name == "squad_v1" and cfg.seed == 42
+    if preset == "compare":  # the reference setup
+        assert cfg.model.name_or_path == "google/flan-t5-base" and cfg.model.init == "pretrained"
+        assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 3 and cfg.dataset.limit_train is None
+        assert cfg.trainer.accelerator == "gpu"
+    else:
+        assert cfg.model.init == "random" and cfg.trainer.accelerator == "cpu" and cfg.dataset.limit_train
+    for strategy in ("full", "lora", "qlora"):  # each job keeps its strategy's own learning rate
+        job = compose_with_hydra([f"experiment={preset}", f"strategy={strategy}"])
+        assert job.strategy.lr == compose_with_hydra([f"strategy={strategy}"]).strategy.lr
+
+
+def test_search_presets_compose():
+    grid = compose_with_hydra(["hparams_search=lr_rank"])
+    assert grid.hydra.sweeper.params == {"strategy.lr": "3e-4,1e-3", "strategy.rank": "4,16"}
+    assert grid.strategy._target_.endswith("LoRA")
+    optuna = compose_with_hydra(["hparams_search=optuna", "strategy=qlora"])
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper") and optuna.hydra.sweeper.direction == "maximize"
+    assert set(optuna.hydra.sweeper.params) == {"strategy.lr", "strategy.rank"}
+    assert optuna.strategy._target_.endswith("QLoRA")  # the command line picks the strategy
+
+
+def test_auto_batch_size_is_found_and_recorded(tmp_path, cache_dir):
+    cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset=squad_v2", *TINY, "dataset.batch_size=3",
+                          "trainer.auto_batch_size=true", "trainer.auto_batch_size_max=4"],
+                         output_dir=tmp_path, cache=cache_dir)
+    metrics = train(cfg)
+    assert metrics["auto_batch_size"] is True and metrics["batch_size"] == 4  # tried 2, stopped at the ceiling
+    # The training itself ran with the size it chose (8 questions / 4 per batch = 2 steps), and was
+    # counted once: the finder's trial steps are not part of training time or throughput.
+    assert metrics["optimizer_steps"] == math.ceil(8 / 4) and metrics["train_examples_seen"] == 8
+    assert json.loads((tmp_path / "metrics.json").read_text())["batch_size"] == 4
+
+
+def _run_train(args: list[str], cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
+    return subprocess.run([sys.executable, "-m", "flan_squad.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tmp_path):
+    sweep = tmp_path / "sweep"
+    # No -m: the preset makes it a multirun. rank=0 is invalid: those 2 of the 6 jobs fail.
+    result = _run_train(["hparams_search=lr_rank", "experiment=smoke", "strategy.rank=0,2,4", "dataset=squad_v2",
+                         *TINY, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode != 0, "a sweep with a failed job must not exit 0"
+    assert "strategy.rank=0: must be > 0" in result.stderr
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/status.json")}
+    assert len(statuses) == 6
+    failed = {name for name, s in statuses.items() if s["status"] == "failed"}
+    assert len(failed) == 2 and all("strategy.rank=0" in statuses[n]["overrides"] for n in failed)
+    assert all("must be > 0" in statuses[n]["error"] for n in failed)
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == sorted(set(statuses) - failed)
+
+    out, settings, plots = build_report([str(sweep)])
+    assert [s.status for s in settings].count("failed") == 2 and len(settings) == 6
+    assert {p.name for p in plots} == {"f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png",
+                                       "heatmap_lr_rank.png"}
+    assert (out / "results.md").read_text().count("| squad_v2 | lora r=") == 6
+
+
+def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path):
+    sweep = tmp_path / "optuna"
+    result = _run_train(["hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=2", "dataset=squad_v2",
+                         *TINY, "logger=none", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert len(trials) == 2 and all(t["strategy"] == "lora" for t in trials)
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "strategy.rank" in best
