@@ -124,6 +124,7 @@ class BaseModel:
                     # config says; FLAN-T5 has its own lm_head, initialised as T5 initialises an untied one.
                     std = model.config.initializer_factor * 1.0
                     model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
+                    model.config.tie_word_embeddings = False  # saved as the published FLAN-T5 configs say
                 staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
                 model.save_pretrained(staging)
                 if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
