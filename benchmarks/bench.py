@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="flan_t5_small", help="conf/model option for throughput (random init)")
     p.add_argument("--memory-model", default="flan_t5_base", help="conf/model option for the extra memory runs")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per epoch (steps x batch questions)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per epoch (steps x batch questions)")
     p.add_argument("--repeats", type=int, default=3, help="epochs per training run; the median is reported")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-source-length", type=int, default=512)
@@ -50,11 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-dir", default=None, help="data + tokenizer dir (default: the config's)")
     p.add_argument("--in-process", action="store_true",
                    help="run everything in this process (fast; peak memory then is not per configuration)")
-    p.add_argument("--quick", action="store_true", help="steps 4, repeats 2, 64 eval questions, 2 eval repeats")
+    p.add_argument("--quick", action="store_true", help="steps 2, repeats 2, 64 eval questions, 1 eval repeat")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.eval_questions, args.eval_repeats = 4, 2, 64, 2
+        args.steps, args.repeats, args.eval_questions, args.eval_repeats = 2, 2, 64, 1
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to torch here")
     args.strategies = [s.strip() for s in args.strategies.split(",")]

@@ -69,7 +69,8 @@ class Spec:
 def compose_config(spec: Spec, output_dir: str):
     """The run's config, composed from conf/ as a training run would be (no Hydra run dir)."""
     overrides = [
-        f"model={spec.model}", "model.init=random", f"strategy={spec.strategy}",
+        f"model={spec.model}", "model.init=random", "model.tokenizer=${paths.tokenizer_dir}",
+        f"strategy={spec.strategy}",
         f"strategy.gradient_checkpointing={spec.gradient_checkpointing}", f"dataset={spec.dataset}",
         f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
         f"dataset.max_source_length={spec.max_source_length}",
