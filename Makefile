@@ -1,4 +1,5 @@
-# flan-squad: `make train` runs the offline smoke job, `make test` the test suite (both install first).
+# flan-squad: `make train` runs the offline smoke job, `make test` the test suite, `make bench` the benchmarks
+# (all install first).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test train clean
+.PHONY: install test train bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,11 @@ test: install
 
 train: install
 	$(PY) -m flan_squad.train experiment=smoke $(ARGS)
+
+# Training/evaluation throughput, peak memory and MFU against the Seq2SeqTrainer pipeline (random-init
+# weights): prints a table, writes benchmarks/results/latest.json. ARGS="--quick" for a first look.
+bench: install
+	$(PY) -m benchmarks.bench $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/multiruns outputs/.cache .pytest_cache

@@ -237,6 +237,52 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, Any]:
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Training order in which each run of `batch_size` indices has similar lengths: little padding.
+
+    Every epoch yields every index exactly once, in an order fixed by `seed` and the epoch: shuffle all
+    indices, cut them into groups of `group_batches` batches, sort each group by length, cut it into
+    batches, and shuffle the batches (the one holding the longest example first, so an out-of-memory
+    shows up at once; a short last batch stays last, so a `BatchSampler` cuts exactly these batches).
+    Batch composition changes every epoch, as with a random sampler; only the padding goes away.
+    Under DDP Lightning wraps it in a non-shuffling DistributedSampler that deals consecutive indices to
+    the ranks in turn, so each rank's batches stay length-grouped.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50):
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size={batch_size}, group_batches={group_batches}: both must be >= 1")
+        self.lengths, self.batch_size, self.seed, self.group_batches = list(lengths), batch_size, seed, group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before every training epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        group = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), group):
+            chunk = sorted(order[start : start + group], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        short = [b for b in batches if len(b) < self.batch_size]  # at most one: the last group's tail
+        full = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(full)
+        if full:
+            longest = max(range(len(full)), key=lambda b: self.lengths[full[b][0]])
+            full[0], full[longest] = full[longest], full[0]
+        return full + short
+
+    def __iter__(self):
+        # No epoch bump here: the order depends on (seed, epoch) alone, so a resumed run replays it.
+        return (i for batch in self.batches() for i in batch)
+
+
 class _Features(torch.utils.data.Dataset):
     def __init__(self, encoded: Encoded, order: Sequence[int] | None = None):
         self.encoded = encoded
@@ -251,31 +297,11 @@ class _Features(torch.utils.data.Dataset):
                 "labels": self.encoded.labels[j]}
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order that depends only on (seed, epoch): the same order again after a resume.
-
-    Lightning calls `set_epoch` at the start of every epoch (as for a DistributedSampler).
-    """
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-
 class ResumableDataLoader(DataLoader):
     """A DataLoader that can resume mid-epoch: Lightning stores `state_dict()` in each checkpoint and calls
     `load_state_dict()` on resume; the next epoch then skips the batches that were already trained on.
 
-    Needs a sampler whose order is fixed per epoch (`EpochShuffleSampler`, or Lightning's DistributedSampler).
+    Needs a sampler whose order is fixed per epoch (`LengthGroupedSampler`, or Lightning's DistributedSampler).
     A sized loader is not prefetched by Lightning, so the count is of batches really consumed.
     """
 
@@ -391,9 +417,12 @@ class SquadDataModule(L.LightningDataModule):
             self._train = self._encode(self.train_questions, source, "train")
 
     def train_dataloader(self) -> DataLoader:
-        features = _Features(self._train)
+        # Batches grouped by length, padded per batch: the same examples once per epoch as a random
+        # sampler, without the ~1.6x padding that random batches of 8 SQuAD prompts carry.
+        lengths = [len(ids) for ids in self._train.input_ids]
         return ResumableDataLoader(
-            features, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(features), self.seed),
+            _Features(self._train), batch_size=self.batch_size,
+            sampler=LengthGroupedSampler(lengths, self.batch_size, self.seed),
             num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
             # Worker seeds from a generator of their own, not the global RNG: the global RNG then drives
             # dropout alone, and a resumed run draws the same masks as an uninterrupted one.

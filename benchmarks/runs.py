@@ -1,0 +1,295 @@
+"""The measured runs: one training run or one evaluation comparison, described by a `Spec`.
+
+`bench.py` runs each training configuration in its own process (peak RSS never goes down within one)
+through `python -m benchmarks.runs SPEC_JSON OUT_JSON`, or in-process for a quick look and the tests.
+
+Pipelines:
+- `project`: the real training path: the strategy's `build()` inside `SquadQAModule`, the data module's
+  length-grouped batches padded per batch, AdamW + linear warm-up/decay, the Lightning fit loop (logging,
+  checkpointing and validation off).
+- `hf`: `Seq2SeqTrainer` as transformers' `examples/pytorch/question-answering/run_seq2seq_qa.py` sets it
+  up: `DataCollatorForSeq2Seq` (dynamic padding, labels padded with -100), the default random sampler,
+  the same model built by the same strategy, the same optimizer, schedule, clipping and steps.
+- `hf_pad`: the same Trainer with every input padded to `max_source_length` and every target to
+  `max_target_length`, as the reference notebooks tokenise (`padding="max_length"`).
+Both pipelines train on the very same encoded examples (`SquadDataModule`'s encoding), each once per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
+
+from flan_squad.config import CONFIG_DIR  # noqa: E402
+from flan_squad.data import answer_to_prediction  # noqa: E402
+from flan_squad.inference import generate_answers  # noqa: E402
+from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
+from flan_squad.strategies import FullFineTuning  # noqa: E402
+
+from benchmarks.flops import train_flops  # noqa: E402
+
+PIPELINES = ("project", "hf", "hf_pad")
+
+
+@dataclass
+class Spec:
+    pipeline: str = "project"  # project | hf | hf_pad (training); eval runs compare project and hf
+    model: str = "flan_t5_small"  # a conf/model option, always built with random weights
+    strategy: str = "full"
+    gradient_checkpointing: bool = False
+    steps: int = 10  # optimizer steps per epoch; the run trains on steps * batch_size questions
+    epochs: int = 3  # one throughput measurement per epoch; the median is reported
+    batch_size: int = 8
+    max_source_length: int = 512
+    eval_questions: int = 256
+    device: str = "cpu"
+    dataset: str = "squad_v1"
+    shared_dir: str | None = None  # None: the config's default (../shared or FLAN_SQUAD_SHARED)
+
+
+def compose_config(spec: Spec, output_dir: str):
+    """The run's config, composed from conf/ as a training run would be (no Hydra run dir)."""
+    overrides = [
+        f"model={spec.model}", "model.init=random", "model.tokenizer=${paths.tokenizer_dir}",
+        f"strategy={spec.strategy}",
+        f"strategy.gradient_checkpointing={spec.gradient_checkpointing}", f"dataset={spec.dataset}",
+        f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
+        f"dataset.max_source_length={spec.max_source_length}",
+        f"dataset.limit_train={spec.steps * spec.batch_size}", f"dataset.limit_val={spec.eval_questions}",
+        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none",
+        f"paths.output_dir={output_dir}",
+    ] + ([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+class _Setup:
+    """Config, base model, tokenizer, data module and strategy of a spec (data read and encoded once)."""
+
+    def __init__(self, spec: Spec, output_dir: str):
+        self.cfg = cfg = compose_config(spec, output_dir)
+        self.base = instantiate(cfg.model, _convert_="all")
+        self.tokenizer = self.base.load_tokenizer()
+        self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed)
+        self.strategy = instantiate(cfg.strategy, _convert_="all")
+        self.device = torch.device(spec.device)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+class _LightningEpochs(L.Callback):
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.ids: list[list[str]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.ids.append([])
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ids[-1] += batch["ids"]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class _HFEpochs(TrainerCallback):
+    def __init__(self, ids_seen: list[list[str]]):
+        self.seconds: list[float] = []
+        self.ids = ids_seen
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.ids.append([])
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class _RecordIds:
+    """Wraps a collator: notes which questions each batch holds (to check the work done), drops the ids."""
+
+    def __init__(self, collator, ids_seen: list[list[str]]):
+        self.collator, self.ids = collator, ids_seen
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.ids[-1] += [f["id"] for f in features]
+        return self.collator([{k: v for k, v in f.items() if k != "id"} for f in features])
+
+
+def _pad_to_max(max_source: int, max_target: int, pad_id: int):
+    """The reference notebooks' batches: every input padded to max_source, every target to max_target."""
+
+    def collate(features: list[dict]) -> dict:
+        input_ids = torch.full((len(features), max_source), pad_id, dtype=torch.long)
+        labels = torch.full((len(features), max_target), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
+        return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
+
+    return collate
+
+
+def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict]:
+    cfg = s.cfg
+    module = SquadQAModule(s.base, s.strategy, s.tokenizer, s.datamodule.version, cfg.eval.max_new_tokens,
+                           cfg.optim.weight_decay, cfg.optim.warmup_ratio)
+    epochs = _LightningEpochs()
+    trainer = instantiate(cfg.trainer, max_epochs=spec.epochs, logger=False, callbacks=[epochs],
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=0, default_root_dir=cfg.paths.output_dir)
+    trainer.fit(module, datamodule=s.datamodule)
+    return epochs.seconds, epochs.ids, count_parameters(module.model)
+
+
+def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict]:
+    cfg, dm = s.cfg, s.datamodule
+    model = s.strategy.build(s.base, s.device)
+    enc = dm._train
+    features = [{"id": i, "input_ids": x, "attention_mask": [1] * len(x), "labels": y}
+                for i, x, y in zip(enc.ids, enc.input_ids, enc.labels)]
+    if spec.pipeline == "hf":
+        collator = DataCollatorForSeq2Seq(s.tokenizer, model=model, label_pad_token_id=-100)
+    else:
+        collator = _pad_to_max(dm.max_source_length, dm.max_target_length, s.tokenizer.pad_token_id)
+    ids_seen: list[list[str]] = []
+    epochs = _HFEpochs(ids_seen)
+    args = Seq2SeqTrainingArguments(
+        output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
+        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_ratio, lr_scheduler_type="linear", optim="adamw_torch",
+        max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
+        bf16=spec.device == "cuda", seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        predict_with_generate=True,
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=features,
+                             data_collator=_RecordIds(collator, ids_seen), callbacks=[epochs])
+    trainer.train()
+    return epochs.seconds, ids_seen, count_parameters(model)
+
+
+def train_run(spec: Spec) -> dict[str, Any]:
+    """Train `spec.epochs` epochs of `spec.steps` steps; throughput per epoch, peak memory, the work done."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as output_dir:
+        s = _Setup(spec, output_dir)
+        L.seed_everything(s.cfg.seed, workers=True, verbose=False)
+        s.datamodule.setup("fit")
+        peak = PeakMemory(s.device)
+        peak.reset()
+        run = _train_project if spec.pipeline == "project" else _train_hf
+        seconds, ids_seen, params = run(s, spec)
+        peak_mb = peak.read_mb()
+
+    enc = s.datamodule._train
+    examples = len(enc.ids)
+    tokens = sum(map(len, enc.input_ids)) + sum(map(len, enc.labels))  # real tokens, as CostMonitor counts
+    flops = train_flops(s.base.config(), [(len(x), len(y)) for x, y in zip(enc.input_ids, enc.labels)],
+                        frozen_base=spec.strategy != "full")
+    per_epoch = [examples / t for t in seconds]
+    expected = Counter(enc.ids)
+    return {
+        "spec": asdict(spec),
+        "examples_per_epoch": examples,
+        "epoch_seconds": [round(t, 3) for t in seconds],
+        "examples_per_s": statistics.median(per_epoch),
+        "tokens_per_s": statistics.median(tokens / t for t in seconds),
+        "model_flops_per_step": flops / spec.steps,
+        "model_flops_per_s": statistics.median(flops / t for t in seconds),
+        "every_example_once_per_epoch": all(Counter(ids) == expected for ids in ids_seen) and len(ids_seen) == spec.epochs,
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": peak.kind,
+        **params,
+    }
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+def eval_run(spec: Spec, repeats: int) -> dict[str, Any]:
+    """Greedy answers to the same dev questions: the project's path against `Seq2SeqTrainer.predict`."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as output_dir:
+        s = _Setup(spec, output_dir)
+        dm, tokenizer, max_new_tokens = s.datamodule, s.tokenizer, s.cfg.eval.max_new_tokens
+        dm.setup("validate")
+        model = FullFineTuning().build(s.base, s.device).eval()
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=spec.device == "cuda")
+
+        def project() -> dict[str, str]:
+            answers: dict[str, str] = {}
+            for batch in dm.val_dataloader():  # sorted by length, longest first
+                with autocast:
+                    out = generate_answers(model, tokenizer, batch["input_ids"].to(s.device),
+                                           batch["attention_mask"].to(s.device), max_new_tokens)
+                answers.update(zip(batch["ids"], out))
+            return answers
+
+        # As run_seq2seq_qa.py predicts: questions in dataset order, labels included (it reports a loss too).
+        enc = dm._val
+        features = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
+                    for x, y in zip(enc.input_ids, enc.labels)]
+        args = Seq2SeqTrainingArguments(
+            output_dir=output_dir, per_device_eval_batch_size=spec.batch_size, predict_with_generate=True,
+            report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu", bf16=spec.device == "cuda",
+            bf16_full_eval=False, dataloader_num_workers=0,
+        )
+        trainer = Seq2SeqTrainer(model=model, args=args,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
+
+        def baseline() -> dict[str, str]:
+            output = trainer.predict(features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+            tokens = output.predictions
+            tokens[tokens == -100] = tokenizer.pad_token_id  # predictions are padded with -100 across batches
+            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            return dict(zip(enc.ids, map(answer_to_prediction, texts)))
+
+        times: dict[str, list[float]] = {"project": [], "hf": []}
+        answers: dict[str, dict[str, str]] = {}
+        for _ in range(repeats):  # alternate, so that machine noise hits both alike
+            for name, fn in (("project", project), ("hf", baseline)):
+                start = time.perf_counter()
+                answers[name] = fn()
+                if spec.device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+
+    n = len(enc.ids)
+    agree = sum(answers["project"].get(i) == answers["hf"].get(i) for i in enc.ids) / n
+    return {
+        "spec": asdict(spec),
+        "questions": n,
+        "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "examples_per_s": {k: n / statistics.median(v) for k, v in times.items()},
+        "answer_agreement": agree,
+        "sample_answers": [answers["project"][i] for i in enc.ids[:3]],
+    }
+
+
+if __name__ == "__main__":  # python -m benchmarks.runs SPEC_JSON OUT_JSON
+    spec = Spec(**json.loads(sys.argv[1]))
+    write_json_atomic(sys.argv[2], train_run(spec))
