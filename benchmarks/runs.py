@@ -9,7 +9,8 @@ Pipelines:
   checkpointing and validation off).
 - `hf`: `Seq2SeqTrainer` as transformers' `examples/pytorch/question-answering/run_seq2seq_qa.py` sets it
   up: `DataCollatorForSeq2Seq` (dynamic padding, labels padded with -100), the default random sampler,
-  the same model built by the same strategy, the same optimizer, schedule, clipping and steps.
+  the same model built by the same strategy, the same optimizer (AdamW, fused: the Trainer's default),
+  schedule, clipping and steps.
 - `hf_pad`: the same Trainer with every input padded to `max_source_length` and every target to
   `max_target_length`, as the reference notebooks tokenise (`padding="max_length"`).
 Both pipelines train on the very same encoded examples (`SquadDataModule`'s encoding), each once per epoch.
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.data import answer_to_prediction  # noqa: E402
@@ -182,7 +184,7 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict
     args = Seq2SeqTrainingArguments(
         output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
         num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optim.weight_decay,
-        warmup_steps=cfg.optim.warmup_ratio, lr_scheduler_type="linear", optim="adamw_torch",
+        warmup_steps=cfg.optim.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
         max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
         bf16=spec.device == "cuda", seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
@@ -260,6 +262,9 @@ def eval_run(spec: Spec, repeats: int) -> dict[str, Any]:
         )
         trainer = Seq2SeqTrainer(model=model, args=args,
                                  data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
+
+        # predict() passes max_new_tokens beside the generation config's max_length and warns every batch.
+        hf_logging.set_verbosity_error()
 
         def baseline() -> dict[str, str]:
             output = trainer.predict(features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)

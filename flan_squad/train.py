@@ -34,6 +34,12 @@ from flan_squad.results import (  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def _instantiate_group(group: DictConfig | None) -> list:
+    # An entry without `_target_` is a preset's tweak of something `callbacks=none` (or `logger=none`) removed,
+    # e.g. experiment=smoke's checkpoint interval: nothing to build.
+    return [instantiate(c) for c in (group or {}).values() if "_target_" in c]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +57,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = SquadQAModule(base, strategy, tokenizer, datamodule.version, cfg.eval.max_new_tokens,
                            cfg.optim.weight_decay, cfg.optim.warmup_ratio, cfg.eval.snap_to_context)
     cost = CostMonitor()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [cost]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost]
+    loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -79,12 +79,12 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     result = _run_train(["hparams_search=lr_rank", "experiment=smoke", "strategy.rank=0,2,4", "dataset=squad_v2",
                          *TINY, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert result.returncode != 0, "a sweep with a failed job must not exit 0"
-    assert "strategy.rank=0: must be > 0" in result.stderr
+    assert "strategy.rank=0: must be a whole number > 0" in result.stderr
     statuses = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/status.json")}
     assert len(statuses) == 6
     failed = {name for name, s in statuses.items() if s["status"] == "failed"}
     assert len(failed) == 2 and all("strategy.rank=0" in statuses[n]["overrides"] for n in failed)
-    assert all("must be > 0" in statuses[n]["error"] for n in failed)
+    assert all("must be a whole number > 0" in statuses[n]["error"] for n in failed)
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == sorted(set(statuses) - failed)
 
     out, settings, plots = build_report([str(sweep)])
