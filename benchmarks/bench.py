@@ -227,8 +227,8 @@ def table(res: dict) -> str:
         "",
         f"training: batch {s['batch_size']}, max_source_length {s['max_source_length']}, {s['steps']} steps x "
         f"{s['repeats']} epochs (median of epochs), same questions in every run",
-        f"{'strategy':<9}{'gc':<5}{'ex/s':>8}{'tok/s':>8}{'MFU':>7}{'peak MB':>9} |{'HF ex/s':>9}{'HF MB':>8}"
-        f"{'pad ex/s':>10} |{'x HF':>6}{'x pad':>7}{'mem/HF':>8}",
+        f"{'strategy':<9}{'gc':<5}{'ex/s':>8}{'tok/s':>8}{'MFU':>7}{'pad':>6}{'peak MB':>9} |{'HF ex/s':>9}{'pad':>6}"
+        f"{'HF MB':>8}{'pad ex/s':>10} |{'x HF':>6}{'x pad':>7}{'mem/HF':>8}",
     ]
     for r in res["train"]:
         sp = r["spec"]
@@ -242,7 +242,8 @@ def table(res: dict) -> str:
         key = "gc_on" if gc else "gc_off"
         lines.append(
             f"{strategy:<9}{'on' if gc else 'off':<5}{r['examples_per_s']:>8.2f}{r['tokens_per_s']:>8.0f}"
-            f"{r['mfu'] * 100:>6.1f}%{r['peak_memory_mb']:>9.0f} |{_fmt(hf.get('examples_per_s')):>9}"
+            f"{r['mfu'] * 100:>6.1f}%{_fmt(r.get('padded_over_real_source_tokens')):>6}{r['peak_memory_mb']:>9.0f} |"
+            f"{_fmt(hf.get('examples_per_s')):>9}{_fmt(hf.get('padded_over_real_source_tokens')):>6}"
             f"{_fmt(hf.get('peak_memory_mb'), '.0f'):>8}{_fmt(pad.get('examples_per_s')):>10} |"
             f"{_fmt(res['train_speedup_vs_hf_by_gc'][strategy][key]):>6}"
             f"{_fmt(res['train_speedup_vs_pad_to_max'][strategy] if not gc else None):>7}"

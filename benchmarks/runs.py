@@ -103,13 +103,16 @@ class _LightningEpochs(L.Callback):
     def __init__(self):
         self.seconds: list[float] = []
         self.ids: list[list[str]] = []
+        self.padded: list[int] = []  # source tokens per epoch as batched, padding included
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.ids.append([])
+        self.padded.append(0)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.ids[-1] += batch["ids"]
+        self.padded[-1] += batch["input_ids"].numel()
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.strategy.root_device.type == "cuda":
@@ -118,12 +121,13 @@ class _LightningEpochs(L.Callback):
 
 
 class _HFEpochs(TrainerCallback):
-    def __init__(self, ids_seen: list[list[str]]):
+    def __init__(self, ids_seen: list[list[str]], padded: list[int]):
         self.seconds: list[float] = []
-        self.ids = ids_seen
+        self.ids, self.padded = ids_seen, padded
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.ids.append([])
+        self.padded.append(0)
         self._start = time.perf_counter()
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -133,14 +137,16 @@ class _HFEpochs(TrainerCallback):
 
 
 class _RecordIds:
-    """Wraps a collator: notes which questions each batch holds (to check the work done), drops the ids."""
+    """Wraps a collator: notes which questions each batch holds and its padded size (the work done)."""
 
-    def __init__(self, collator, ids_seen: list[list[str]]):
-        self.collator, self.ids = collator, ids_seen
+    def __init__(self, collator, ids_seen: list[list[str]], padded: list[int]):
+        self.collator, self.ids, self.padded = collator, ids_seen, padded
 
     def __call__(self, features: list[dict]) -> dict:
         self.ids[-1] += [f["id"] for f in features]
-        return self.collator([{k: v for k, v in f.items() if k != "id"} for f in features])
+        batch = self.collator([{k: v for k, v in f.items() if k != "id"} for f in features])
+        self.padded[-1] += batch["input_ids"].numel()
+        return batch
 
 
 def _pad_to_max(max_source: int, max_target: int, pad_id: int):
@@ -157,7 +163,7 @@ def _pad_to_max(max_source: int, max_target: int, pad_id: int):
     return collate
 
 
-def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict]:
+def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg = s.cfg
     module = SquadQAModule(s.base, s.strategy, s.tokenizer, s.datamodule.version, cfg.eval.max_new_tokens,
                            cfg.optim.weight_decay, cfg.optim.warmup_ratio)
@@ -166,10 +172,10 @@ def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]],
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           limit_val_batches=0, default_root_dir=cfg.paths.output_dir)
     trainer.fit(module, datamodule=s.datamodule)
-    return epochs.seconds, epochs.ids, count_parameters(module.model)
+    return epochs.seconds, epochs.ids, epochs.padded, count_parameters(module.model)
 
 
-def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict]:
+def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg, dm = s.cfg, s.datamodule
     model = s.strategy.build(s.base, s.device)
     enc = dm._train
@@ -180,7 +186,8 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict
     else:
         collator = _pad_to_max(dm.max_source_length, dm.max_target_length, s.tokenizer.pad_token_id)
     ids_seen: list[list[str]] = []
-    epochs = _HFEpochs(ids_seen)
+    padded: list[int] = []
+    epochs = _HFEpochs(ids_seen, padded)
     args = Seq2SeqTrainingArguments(
         output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
         num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optim.weight_decay,
@@ -191,9 +198,9 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], dict
         predict_with_generate=True,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=features,
-                             data_collator=_RecordIds(collator, ids_seen), callbacks=[epochs])
+                             data_collator=_RecordIds(collator, ids_seen, padded), callbacks=[epochs])
     trainer.train()
-    return epochs.seconds, ids_seen, count_parameters(model)
+    return epochs.seconds, ids_seen, padded, count_parameters(model)
 
 
 def train_run(spec: Spec) -> dict[str, Any]:
@@ -205,7 +212,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
         peak = PeakMemory(s.device)
         peak.reset()
         run = _train_project if spec.pipeline == "project" else _train_hf
-        seconds, ids_seen, params = run(s, spec)
+        seconds, ids_seen, padded, params = run(s, spec)
         peak_mb = peak.read_mb()
 
     enc = s.datamodule._train
@@ -221,6 +228,8 @@ def train_run(spec: Spec) -> dict[str, Any]:
         "epoch_seconds": [round(t, 3) for t in seconds],
         "examples_per_s": statistics.median(per_epoch),
         "tokens_per_s": statistics.median(tokens / t for t in seconds),
+        # Source tokens the model really ran on (padding included) per real one: what batching costs.
+        "padded_over_real_source_tokens": round(statistics.mean(padded) / sum(map(len, enc.input_ids)), 3),
         "model_flops_per_step": flops / spec.steps,
         "model_flops_per_s": statistics.median(flops / t for t in seconds),
         "every_example_once_per_epoch": all(Counter(ids) == expected for ids in ids_seen) and len(ids_seen) == spec.epochs,

@@ -36,6 +36,10 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     flops = {r["spec"]["pipeline"]: r["model_flops_per_step"] for r in results["train"]
              if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]}
     assert flops["project"] == flops["hf"] == flops["hf_pad"]
+    # Length-grouped batches never carry more padding than random ones, which never carry more than pad-to-max.
+    padding = {r["spec"]["pipeline"]: r["padded_over_real_source_tokens"] for r in results["train"]
+               if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]}
+    assert 1.0 <= padding["project"] <= padding["hf"] <= padding["hf_pad"] and padding["project"] < padding["hf_pad"]
     assert results["eval"]["questions"] == 12 and len(results["memory"]) == 4
     printed = capsys.readouterr().out
     assert "x HF" in printed and "RANDOM INIT" in printed and "qlora+gc / full" in printed
