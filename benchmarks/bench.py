@@ -203,7 +203,7 @@ def summarise(args, info, peak, train, evaluation, memory, seconds) -> dict:
             "eval_2x_vs_hf": bool(eval_speedup and eval_speedup >= 2.0),
             "eval_answers_identical": evaluation["answer_agreement"] == 1.0,
             "peak_memory_le_hf": all(v is not None and v <= 1.0 for d in memory_vs_hf.values() for v in d.values()),
-            "qlora_gc_le_35pct_of_full_base": bool(qlora_over_full and qlora_over_full <= 0.35),
+            "qlora_gc_le_35pct_of_full_base": None if qlora_over_full is None else qlora_over_full <= 0.35,
         },
         "train": train,
         "eval": evaluation,
@@ -263,7 +263,8 @@ def table(res: dict) -> str:
             value = "FAILED" if "error" in r else f"{r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})"
             lines.append(f"  {sp['strategy']:<7} gc {'on ' if sp['gradient_checkpointing'] else 'off'}  {value}")
         lines.append(f"  qlora+gc / full: {_fmt(res['qlora_gc_peak_over_full_base'])}")
-    lines += ["", "targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets_met"].items()),
+    verdict = {True: "yes", False: "NO", None: "not measured"}
+    lines += ["", "targets: " + ", ".join(f"{k} {verdict[v]}" for k, v in res["targets_met"].items()),
               f"({res['bench_seconds']:.0f} s in all)"]
     return "\n".join(lines)
 
