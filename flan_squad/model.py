@@ -208,6 +208,12 @@ class SquadQAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         return loss
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients at once: Lightning zeroes them only after the next forward pass, which keeps a
+        # whole model's gradients alive through it (+300 MB peak for full fine-tuning of flan-t5-small).
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
