@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test train bench clean
+.PHONY: install shared test train bench clean
 
 install: $(VENV)/.installed
 
@@ -18,15 +18,21 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --constraint constraints-cpu.txt --editable '.[dev]'
 	touch $@
 
-test: install
+# Runs and tests read the SQuAD files and the FLAN-T5 tokenizer from FLAN_SQUAD_SHARED: check before installing.
+shared:
+	@test -d "$(FLAN_SQUAD_SHARED)/data/squad" || { echo "error: no shared data folder at $(FLAN_SQUAD_SHARED)" \
+		"(SQuAD files + FLAN-T5 tokenizer): put it beside the checkout as ../shared, or set" \
+		"FLAN_SQUAD_SHARED=/path/to/shared" >&2; exit 2; }
+
+test: shared install
 	$(PY) -m pytest tests
 
-train: install
+train: shared install
 	$(PY) -m flan_squad.train experiment=smoke $(ARGS)
 
 # Training/evaluation throughput, peak memory and MFU against the Seq2SeqTrainer pipeline (random-init
 # weights): prints a table, writes benchmarks/results/latest.json. ARGS="--quick" for a first look.
-bench: install
+bench: shared install
 	$(PY) -m benchmarks.bench $(ARGS)
 
 clean:

@@ -42,6 +42,14 @@ class ModelLoadError(FlanSquadError, OSError):
 
 
 def _hub_hint(what: str, name: str, error: Exception) -> ModelLoadError:
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        # A local path that is missing (transformers would call it a malformed hub id): usually the
+        # shared data folder is not where paths.shared_dir looks.
+        return ModelLoadError(
+            f"the {what} directory {name} does not exist. Offline runs read the FLAN-T5 tokenizer and SQuAD "
+            f"files from paths.shared_dir (../shared beside the checkout): put that folder there, or set "
+            f"FLAN_SQUAD_SHARED=/path/to/shared."
+        )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
         f"could not load the {what} {name!r}: {first_line}\n"

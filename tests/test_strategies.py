@@ -158,6 +158,14 @@ def test_pretrained_hub_id_offline_says_how_to_use_local_files():
         base.load()
 
 
+def test_missing_local_tokenizer_dir_names_it_and_the_shared_folder(tmp_path):
+    from flan_squad.model import ModelLoadError
+    missing = tmp_path / "shared" / "models" / "flan-t5-small-tokenizer"
+    base = BaseModel(name="t5-tiny", name_or_path="x", init="random", tokenizer=str(missing))
+    with pytest.raises(ModelLoadError, match=f"tokenizer directory {missing} does not exist.*FLAN_SQUAD_SHARED"):
+        base.load_tokenizer()
+
+
 @pytest.mark.parametrize("kwargs, option", [({"lr": 0}, "strategy.lr"), ({"rank": 0}, "strategy.rank")])
 def test_invalid_strategy_numbers(kwargs, option):
     with pytest.raises(ValueError, match=option):
