@@ -172,21 +172,25 @@ class Answers:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def collect_answers(questions: Sequence[Question], windows: Mapping[str, Sequence[WindowAnswer]],
+def collect_answers(questions: Sequence[Question], windows: Mapping[tuple[str, int], WindowAnswer],
                     snap: bool = True, spellable: Callable[[str], bool] | None = None) -> Answers:
-    """Combine each question's windows into its answer (+ no-answer probability), snapping to the context."""
+    """Combine each question's windows ({(question id, window number): answer}) into its answer (+ no-answer
+    probability), snapping to the context. Every question must have at least one window."""
+    by_question: dict[str, list[WindowAnswer]] = defaultdict(list)
+    for (qid, _), answer in sorted(windows.items(), key=lambda item: item[0]):
+        by_question[qid].append(answer)
     predictions: dict[str, str] = {}
     na_probs: dict[str, float] = {}
     snapped = multi_window = 0
     for q in questions:
-        best, na_prob = combine_windows(windows[q.id])
+        best, na_prob = combine_windows(by_question[q.id])
         text = best.text if best is not None else ""
         if snap and text:
             snapped_text = snap_to_context(text, q.context, spellable)
             snapped += snapped_text != text
             text = snapped_text
         predictions[q.id] = text
-        multi_window += len(windows[q.id]) > 1
+        multi_window += len(by_question[q.id]) > 1
         if na_prob is not None:
             na_probs[q.id] = na_prob
     has_na = bool(questions) and len(na_probs) == len(questions)
@@ -202,7 +206,7 @@ def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question],
     encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride)
     order = sorted(range(len(encoded.ids)), key=lambda i: -len(encoded.input_ids[i]))
     device = next(model.parameters()).device
-    windows: dict[str, dict[int, WindowAnswer]] = defaultdict(dict)
+    windows: dict[tuple[str, int], WindowAnswer] = {}
     model.eval()
     batches = range(0, len(order), batch_size)
     for start in (progress(batches) if progress else batches):
@@ -212,8 +216,7 @@ def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question],
         answers = answer_windows(model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                  max_new_tokens, no_answer=version == "v2")
         for i, answer in zip(rows, answers):
-            windows[encoded.ids[i]][encoded.windows[i]] = answer
-    by_question = {qid: [w[k] for k in sorted(w)] for qid, w in windows.items()}
-    result = collect_answers(questions, by_question, snap, spellable_by(tokenizer))
+            windows[encoded.ids[i], encoded.windows[i]] = answer
+    result = collect_answers(questions, windows, snap, spellable_by(tokenizer))
     result.stats["windows"] = len(encoded.ids)
     return result

@@ -250,21 +250,19 @@ class SquadQAModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
         answers = answer_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
                                  self.max_new_tokens, no_answer=self.version == "v2", encoder_outputs=encoder_outputs)
-        self.windows.update(zip(zip(batch["ids"], batch.get("windows", [0] * len(answers))), answers))
+        self.windows.update(zip(zip(batch["ids"], batch["windows"]), answers))
 
     def on_validation_epoch_end(self) -> None:
         windows = _gather_predictions(self.windows)
         if self.trainer.sanity_checking:
             return
-        by_question: dict[str, list] = {}
-        for (qid, _), answer in sorted(windows.items(), key=lambda item: item[0]):
-            by_question.setdefault(qid, []).append(answer)
-        questions = [q for q in self.trainer.datamodule.val_questions if q.id in by_question]
+        answered = {qid for qid, _ in windows}
+        questions = [q for q in self.trainer.datamodule.val_questions if q.id in answered]
         skipped = len(self.trainer.datamodule.val_questions) - len(questions)
         if skipped:
             log.warning("validation covered %d of %d questions (trainer.limit_val_batches?): scoring those only",
                         len(questions), len(questions) + skipped)
-        answers = collect_answers(questions, by_question, self.snap_to_context, spellable_by(self.tokenizer))
+        answers = collect_answers(questions, windows, self.snap_to_context, spellable_by(self.tokenizer))
         self.predictions, self.na_probs, self.answer_stats = answers.predictions, answers.na_probs, answers.stats
         self.scores = score(self.version, questions, self.predictions, self.na_probs)
         for key, value in self.scores.items():  # identical on every process: no sync needed

@@ -1,8 +1,8 @@
 """Fine-tune a FLAN-T5 model on SQuAD: `python -m flan_squad.train strategy=qlora dataset=squad_v2`.
 
 Instantiates what the config describes, fits, validates the best checkpoint, and writes the run's
-artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2), `config.yaml`, `model/`,
-`checkpoints/` and `tensorboard/`.
+artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2),
+`config.yaml`, `model/`, `checkpoints/` and `tensorboard/`.
 """
 
 from __future__ import annotations
