@@ -114,7 +114,7 @@ class QLoRA(LoRA):
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes.nn
         except ImportError:
             raise ConfigError("strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
         from peft import prepare_model_for_kbit_training
@@ -131,6 +131,13 @@ class QLoRA(LoRA):
                 f"strategy=qlora: bitsandbytes cannot load 4-bit weights on device {device} ({type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); use strategy=lora or another device"
             ) from e
+        # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first time
+        # the layer runs in eval mode without grad (validation, say). That kernel has no backward (training after
+        # it gets no gradient through the 4-bit layers), computes in bf16 whatever compute_dtype says, and its
+        # inverse is lossy (absmax goes through bf16). Never repacking keeps one behaviour on every CPU.
+        for module in model.modules():
+            if isinstance(module, bitsandbytes.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
         return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=self.gradient_checkpointing,
             gradient_checkpointing_kwargs=_NON_REENTRANT,
