@@ -11,12 +11,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
+def bf16_is_native(device_type: str) -> bool:
+    """Whether this device computes bf16 natively: a GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere bf16 is emulated: on an AVX2-only CPU bf16 autocast ran 8-25x slower than fp32; on an AMD EPYC
+    with AVX512-BF16, bf16-mixed trained the flan-t5-small shape 1.5x faster than fp32.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def auto_precision(accelerator: str) -> str:
-    """bf16-mixed on a GPU that has bf16, else fp32. Never fp16: T5's activations overflow it."""
+    """bf16-mixed where bf16 is native (FLAN-T5 was trained in bf16), else fp32. Never fp16: T5 overflows it."""
     wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"  # on CPU bf16 autocast is 8-25x slower than fp32
+    return "bf16-mixed" if bf16_is_native("cuda" if wants_gpu else "cpu") else "32-true"
 
 
 def register_resolvers() -> None:

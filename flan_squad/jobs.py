@@ -21,6 +21,8 @@ from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flan_squad.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
@@ -75,10 +77,14 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     """
     import lightning as L
 
+    precision = str(trainer_kwargs.get("precision"))
+    if precision.startswith("16"):
+        raise ConfigError(f"trainer.precision={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
+                          f"use bf16-mixed or 32-true")
     callbacks = list(callbacks or [])
     if auto_batch_size:
         if auto_batch_size_max < 2:
-            raise ValueError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
+            raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
                              f"(the finder starts at 2)")
         callbacks.append(_training_batch_size_finder()(mode="power", init_val=2, max_val=auto_batch_size_max))
     return L.Trainer(callbacks=callbacks, **trainer_kwargs)

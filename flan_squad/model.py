@@ -222,6 +222,19 @@ class SquadQAModule(L.LightningModule):
         # whole model's gradients alive through it (+300 MB peak for full fine-tuning of flan-t5-small).
         optimizer.zero_grad(set_to_none=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if type(plugin) is MixedPrecision and plugin.scaler is None:
+            # bf16-mixed has no gradient scaler: the gradients are true-scale, also for the fused optimizer, which
+            # Lightning refuses to clip under any mixed precision (for fear of a scaler unscaling inside step()).
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flan_squad.config import bf16_is_native
 from flan_squad.errors import ConfigError
 from flan_squad.model import BaseModel
 
@@ -108,8 +109,8 @@ class QLoRA(LoRA):
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.compute_dtype == "auto":  # bf16 where it is fast; fp32 on CPU, where bf16 is 8-25x slower
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.compute_dtype == "auto":  # bf16 where it is native; elsewhere (most CPUs) it is 8-25x slower
+            return torch.bfloat16 if bf16_is_native(device.type) else torch.float32
         return getattr(torch, self.compute_dtype)
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
