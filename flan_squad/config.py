@@ -32,6 +32,13 @@ def auto_precision(accelerator: str) -> str:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("planted_squad", _planted_file, replace=True)
+
+
+def _planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> str:
+    from flan_squad.planted import planted_file  # generates the files on first use
+
+    return planted_file(version, split, cache_dir, shared_dir)
 
 
 register_resolvers()

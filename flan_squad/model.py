@@ -118,7 +118,7 @@ class BaseModel:
         from transformers import T5ForConditionalGeneration
 
         spec = json.dumps({**FLAN_T5_ARCHITECTURE, **self.architecture, "seed": self.init_seed,
-                           "torch": torch.__version__}, sort_keys=True)
+                           "torch": torch.__version__, "lm_head_std": "d_model**-0.5"}, sort_keys=True)
         directory = Path(self.cache_dir) / "random_init" / f"{self.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
         directory.parent.mkdir(parents=True, exist_ok=True)
         # One builder at a time (DDP ranks, parallel sweep jobs): the others wait, then load what it wrote.
@@ -129,8 +129,10 @@ class BaseModel:
                 with _fork_rng(self.init_seed):
                     model = T5ForConditionalGeneration(self.config())
                     # transformers ties lm_head to the embedding when building from a config, whatever the
-                    # config says; FLAN-T5 has its own lm_head, initialised as T5 initialises an untied one.
-                    std = model.config.initializer_factor * 1.0
+                    # config says; FLAN-T5 has its own lm_head. T5 initialises an untied one with std 1, which
+                    # gives logits of std ~sqrt(d_model) (initial loss ~40 where uniform is ln(32128) = 10.4)
+                    # and wastes hundreds of steps; std d_model**-0.5 starts near uniform, as a tied T5 does.
+                    std = model.config.initializer_factor * model.config.d_model ** -0.5
                     model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
                     model.config.tie_word_embeddings = False  # saved as the published FLAN-T5 configs say
                 staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))

@@ -1,0 +1,105 @@
+"""A generated SQuAD task that a small T5 learns from random weights in minutes: facts planted in real contexts.
+
+Random-init scores on real SQuAD are 0 whatever the code does, so they cannot show that training works. Here
+each question takes the opening sentences of a real SQuAD paragraph, plants two sentences of the form
+"The <kind> code is <word>." (two different kinds, random words) at random sentence boundaries, and asks
+"What is the <kind> code?" for one of them: the answer is a span of the context, found by reading it
+(match the kind, copy the word), never by memorising. In the v2 variant a quarter of the questions ask about
+a kind that is not planted: unanswerable.
+
+The files are in the official SQuAD format, so reading, prompting, validation and scoring run on them
+exactly as on SQuAD. They are seeded (the same arguments give the same files) and built once under the
+cache dir: `dataset=planted_v1` / `planted_v2` point at them through the `planted_squad` resolver.
+
+    python -m flan_squad.planted outputs/planted          # writes {v1,v2}/{train,dev}.json there
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+from flan_squad.results import write_json_atomic
+
+SOURCE = "data/squad/v1.1/dev-v1.1.json"  # under the shared dir: the paragraphs the facts are planted into
+KINDS = "access launch vault door radio bank locker safe gate alarm".split()
+# One SentencePiece token each in FLAN-T5's vocabulary, so an answer is one copied token (+ end of sequence).
+WORDS = ("apple river silver garden window castle orange winter forest candle rocket pepper marble violet "
+         "harbor copper thunder lemon piano island bridge").split()
+SIZES = {"train": 4000, "dev": 300}
+SENTENCES_KEPT = 1  # of each real paragraph: short contexts (~60 tokens with the facts) train fast
+UNANSWERABLE_SHARE = 0.25  # v2 only
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def paragraphs(shared_dir: str | Path) -> list[str]:
+    """The opening sentences of every paragraph of the SQuAD v1.1 dev set, in file order."""
+    data = json.loads((Path(shared_dir) / SOURCE).read_text(encoding="utf-8"))
+    return [" ".join(_SENTENCE_END.split(p["context"])[:SENTENCES_KEPT]) for a in data["data"] for p in a["paragraphs"]]
+
+
+def plant(sentences: list[str], facts: list[str], rng: random.Random) -> list[str]:
+    """The sentences with each fact inserted at a random boundary (start and end included)."""
+    out = list(sentences)
+    for fact in facts:
+        out.insert(rng.randint(0, len(out)), fact)
+    return out
+
+
+def make_split(texts: list[str], n: int, version: str, seed: int, prefix: str) -> dict:
+    """`n` questions in the official SQuAD format, one paragraph each."""
+    rng = random.Random(seed)
+    articles = []
+    for i in range(n):
+        kinds = rng.sample(KINDS, 3)  # two planted, the third asked about when unanswerable
+        words = rng.sample(WORDS, 2)
+        facts = [f"The {kind} code is {word}." for kind, word in zip(kinds, words)]
+        context = " ".join(plant(_SENTENCE_END.split(rng.choice(texts)), facts, rng))
+        unanswerable = version == "v2" and rng.random() < UNANSWERABLE_SHARE
+        asked = 2 if unanswerable else rng.randrange(2)
+        qa = {"id": f"{prefix}-{i:05d}", "question": f"What is the {kinds[asked]} code?", "answers": []}
+        if unanswerable:
+            qa["is_impossible"] = True
+        else:
+            fact_start = context.index(facts[asked])
+            start = fact_start + len(facts[asked]) - len(words[asked]) - 1  # the word before the final "."
+            qa["answers"] = [{"text": words[asked], "answer_start": start}]
+            if version == "v2":
+                qa["is_impossible"] = False
+        articles.append({"title": f"planted-{i:05d}", "paragraphs": [{"context": context, "qas": [qa]}]})
+    return {"version": "v2.0" if version == "v2" else "1.1", "data": articles}
+
+
+def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
+    """Write {v1,v2}/{train,dev}.json under `out_dir` (train and dev plant into disjoint paragraphs)."""
+    texts = paragraphs(shared_dir)
+    split_at = len(texts) * 4 // 5
+    pools = {"train": texts[:split_at], "dev": texts[split_at:]}
+    for v, version in enumerate(("v1", "v2")):
+        for s, (split, n) in enumerate(SIZES.items()):
+            path = Path(out_dir) / version / f"{split}.json"
+            if not path.exists():
+                write_json_atomic(path, make_split(pools[split], n, version, seed * 100 + 10 * v + s,
+                                                   f"planted-{version}-{split}"))
+    return Path(out_dir)
+
+
+def planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> str:
+    """The path of one generated file, built on first use (the `planted_squad` resolver of conf/dataset/).
+    The cache dir is named by everything the files depend on: a change to the generator builds new ones."""
+    spec = json.dumps([SOURCE, KINDS, WORDS, SIZES, SENTENCES_KEPT, UNANSWERABLE_SHARE, Path(__file__).read_text()])
+    directory = Path(cache_dir) / "planted" / hashlib.sha1(spec.encode()).hexdigest()[:10]
+    return str(build(directory, shared_dir) / version / f"{split}.json")
+
+
+if __name__ == "__main__":
+    import os
+
+    from flan_squad.config import PROJECT_ROOT
+
+    shared = os.environ.get("FLAN_SQUAD_SHARED", str(PROJECT_ROOT.parent / "shared"))
+    print(build(sys.argv[1] if len(sys.argv) > 1 else "outputs/planted", shared))
