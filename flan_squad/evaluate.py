@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
-from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
+from flan_squad.results import PeakMemory  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401
-from flan_squad.results import write_json_atomic  # noqa: E402
+from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.runs import RunError, run_config  # noqa: E402
 from flan_squad.strategies import LoRA  # noqa: E402
 

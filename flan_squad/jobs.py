@@ -21,6 +21,8 @@ from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flan_squad.files import write_json_atomic  # torch-free: the report imports this module
+
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
@@ -49,8 +51,6 @@ class JobStatus(Callback):
             record["traceback"] = "".join(traceback.format_exception(error))[-5000:]
             log.error("job %s failed (%s); the sweep goes on and reports it at the end", record["job_num"],
                       record["error"])
-        from flan_squad.results import write_json_atomic  # here: the report imports this module, not torch
-
         output_dir = Path(config.hydra.runtime.output_dir)
         write_json_atomic(output_dir / STATUS_FILE, record)
         _free_memory()

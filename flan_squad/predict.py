@@ -22,9 +22,9 @@ from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.data import DataError, UNANSWERABLE  # noqa: E402
+from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import answer_questions  # noqa: E402
 from flan_squad.metrics import Question  # noqa: E402
-from flan_squad.results import write_json_atomic  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 from flan_squad.data import DataError, read_squad_file
 from flan_squad.metrics import Question, evaluate_v1, evaluate_v2, normalize_answer
-from flan_squad.results import write_json_atomic
+from flan_squad.files import write_json_atomic
 
 
 class ScoreError(ValueError):

@@ -25,11 +25,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
+from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
-from flan_squad.results import (  # noqa: E402
-    CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
-)
+from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
