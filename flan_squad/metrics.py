@@ -6,7 +6,7 @@ summation, so that the numbers are identical to the last floating-point bit:
 - v1.1: https://worksheets.codalab.org/rest/bundles/0xbcd57bee090b421c982906709c8c27e1/contents/blob/
 - v2.0: https://worksheets.codalab.org/rest/bundles/0x6b567e1cf2e041ec80d7098f031c5c9e/contents/blob/
 
-Questions are given as `Question` records in dataset order (see `flan_squad.data.read_squad_file`);
+Questions are given as `Question` records in dataset order (see `flan_squad.squad.read_squad_file`);
 predictions as `{question_id: answer_text}`, where "" means "no answer".
 """
 
@@ -15,28 +15,12 @@ from __future__ import annotations
 import collections
 import re
 import string
-from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+from flan_squad.squad import Question
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class Question:
-    """One SQuAD question, flattened out of its article and paragraph."""
-
-    id: str
-    question: str
-    context: str
-    answers: tuple[str, ...]  # gold answer texts; empty for an unanswerable v2 question
-    answer_starts: tuple[int, ...] = ()
-    title: str = ""
-
-    @property
-    def has_answer(self) -> bool:
-        # The v2 script decides "has answer" by a non-empty answer list, not by `is_impossible`.
-        return bool(self.answers)
 
 
 def normalize_answer(text: str) -> str:

@@ -21,11 +21,10 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.data import DataError, UNANSWERABLE  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import answer_questions  # noqa: E402
-from flan_squad.metrics import Question  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
+from flan_squad.squad import UNANSWERABLE, DataError, Question  # noqa: E402
 
 
 def read_questions(path: str | Path) -> list[Question]:

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from flan_squad.data import DataError, read_squad_file
-from flan_squad.metrics import Question, evaluate_v1, evaluate_v2, normalize_answer
 from flan_squad.files import write_json_atomic
+from flan_squad.metrics import evaluate_v1, evaluate_v2, normalize_answer
+from flan_squad.squad import DataError, Question, read_squad_file
 
 
 class ScoreError(ValueError):

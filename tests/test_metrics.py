@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flan_squad.metrics import Question, normalize_answer, score
+from flan_squad.metrics import normalize_answer, score
+from flan_squad.squad import Question
 
 
 def q(qid, *answers):

@@ -6,13 +6,17 @@ import contextlib
 import functools
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import SQUAD
 from flan_squad import score as score_cli
-from flan_squad.metrics import Question, score
+from flan_squad.config import PROJECT_ROOT
+from flan_squad.metrics import score
+from flan_squad.squad import Question
 
 GOLDEN = {path.stem: json.loads(path.read_text(encoding="utf-8"))
           for path in sorted((Path(__file__).parent / "golden").glob("*.json"))}
@@ -95,6 +99,19 @@ def test_golden_cases_cover_the_awkward_inputs():
     na_probs = [case["na_probs"] for case in v2["cases"] if "na_probs" in case]
     assert any(len(set(p.values())) < len(p) for p in na_probs)  # ties in the threshold search
     assert any("na_probs" not in case for case in v2["cases"]) and any(case.get("options") for case in v2["cases"])
+
+
+def test_score_imports_neither_torch_nor_lightning(tmp_path):
+    # Scoring a file must not need (or wait ~9 s for) the training stack.
+    golden = GOLDEN["score_v2.0"]
+    case = next(case for case in golden["cases"] if "na_probs" in case)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "flan_squad.score",
+                             *case_files(golden, case, tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == case["stdout"]
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "flan_squad.metrics" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "lightning", "transformers")]
 
 
 # --- what the official scripts do not do: missing predictions, bad files, --out-file ---------------------
