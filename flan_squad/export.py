@@ -9,7 +9,6 @@ export computes W + BA where the run computed dequant(NF4(W)) + BA: answers can 
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -20,6 +19,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401
+from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs import RunError, run_config  # noqa: E402
 from flan_squad.strategies import LoRA  # noqa: E402
@@ -60,11 +60,8 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         path = export(cfg.run_dir, cfg.output_dir)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported {cfg.run_dir} to {path}: AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})")
 
 

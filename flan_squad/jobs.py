@@ -21,6 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flan_squad.errors import ConfigError
 from flan_squad.files import write_json_atomic  # torch-free: the report imports this module
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     callbacks = list(callbacks or [])
     if auto_batch_size:
         if auto_batch_size_max < 2:
-            raise ValueError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
-                             f"(the finder starts at 2)")
+            raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
+                              f"(the finder starts at 2)")
         callbacks.append(_training_batch_size_finder()(mode="power", init_val=2, max_val=auto_batch_size_max))
     return L.Trainer(callbacks=callbacks, **trainer_kwargs)
 
