@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                 memory.append(run_train(spec, args.in_process, log_dir))
 
     results = summarise(args, info, peak, train, evaluation, memory, time.perf_counter() - started)
-    from flan_squad.results import write_json_atomic
+    from flan_squad.files import write_json_atomic
 
     write_json_atomic(out, results)
     print(table(results))

@@ -1,103 +1,29 @@
 """SQuAD v1.1 / v2.0 for a seq2seq model: read, flatten, prompt, tokenize, batch.
 
-Reading order: `read_squad_file` / `read_squad_hub` -> `sample` -> `encode` -> `SquadDataModule`.
+Reading order: `read_squad_file` (`flan_squad.squad`) / `read_squad_hub` -> `sample` -> `encode` ->
+`SquadDataModule`.
 The prompt puts the context between a fixed instruction and the question, and only the context is ever
 truncated, so the model always sees the whole instruction and question.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from flan_squad.errors import ConfigError, FlanSquadError
-from flan_squad.metrics import Question
+from flan_squad.errors import ConfigError
+from flan_squad.squad import INSTRUCTIONS, UNANSWERABLE, DataError, Question, read_squad_file
 
 log = logging.getLogger(__name__)
 
-UNANSWERABLE = "unanswerable"
-
-# FLAN's own SQuAD templates (the v2 one tells the model how to decline).
-INSTRUCTIONS = {
-    "v1": "Read this and answer the question.",
-    "v2": f'Read this and answer the question. If the question is unanswerable, say "{UNANSWERABLE}".',
-}
-
-
-class DataError(FlanSquadError, ValueError):
-    """Input data that cannot be used; the message names the file and the record."""
-
-
-def answer_to_prediction(generated: str) -> str:
-    """The text that goes into a predictions file: the "unanswerable" answer becomes ""."""
-    text = generated.strip()
-    return "" if text.lower() == UNANSWERABLE else text
-
 
 # --- reading ----------------------------------------------------------------------------------------
-
-
-def read_squad_file(path: str | Path) -> tuple[str, list[Question]]:
-    """Read an official-format SQuAD JSON file; return its version ("v1"/"v2") and its questions."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file (set dataset.train_file / dataset.validation_file)") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): SQuAD files are UTF-8 JSON") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-
-    def fail(where: str, problem: str):
-        raise DataError(f"{path}: {where}: {problem} (expected the official SQuAD format)")
-
-    def get(obj: Any, key: str, kind: type, where: str):
-        if not isinstance(obj, dict):
-            fail(where, f"expected an object, found {type(obj).__name__}")
-        if key not in obj:
-            fail(where, f"missing key {key!r}")
-        if not isinstance(obj[key], kind):
-            expected = "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-            fail(f"{where}.{key}", f"expected {expected}, found {type(obj[key]).__name__}")
-        return obj[key]
-
-    articles = get(raw, "data", list, "top level")
-    version = "v2" if str(raw.get("version", "")).lstrip("v").startswith("2") else "v1"
-    questions: list[Question] = []
-    seen: dict[str, str] = {}
-    for a, article in enumerate(articles):
-        title = article.get("title", "") if isinstance(article, dict) else ""
-        for p, paragraph in enumerate(get(article, "paragraphs", list, f"data[{a}]")):
-            where_p = f"data[{a}].paragraphs[{p}]"
-            context = get(paragraph, "context", str, where_p)
-            for q, qa in enumerate(get(paragraph, "qas", list, where_p)):
-                where = f"{where_p}.qas[{q}]"
-                qid = str(get(qa, "id", (str, int), where))
-                if qid in seen:
-                    fail(where, f"duplicate question id {qid!r} (first at {seen[qid]})")
-                seen[qid] = where
-                answers = get(qa, "answers", list, where)
-                texts = tuple(get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers))
-                starts = tuple(int(ans.get("answer_start", -1)) for ans in answers)
-                if not texts and version == "v1":
-                    fail(where, "a SQuAD v1.1 question needs at least one answer")
-                questions.append(
-                    Question(qid, get(qa, "question", str, where), context, texts, starts, str(title))
-                )
-    if not questions:
-        raise DataError(f"{path}: holds no questions")
-    return version, questions
 
 
 def read_squad_hub(hub_id: str, split: str) -> list[Question]:

@@ -1,4 +1,10 @@
-"""Errors a user can act on. The entry points print their message (first line first) instead of a traceback."""
+"""Errors a user can act on. The entry points print their message in one line instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
 
 
 class FlanSquadError(Exception):
@@ -15,3 +21,28 @@ class RunDirError(FlanSquadError, FileExistsError):
 
 class TrainingError(FlanSquadError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Around a Hydra entry point's work: a `FlanSquadError` ends the run with `error: <message>` on stderr
+    (once, stdout untouched) and exit status 2. Also one raised inside `hydra.utils.instantiate`, which wraps
+    it. In a multirun it is raised as it is: the sweep records the job as failed (`jobs.JobStatus` logs
+    it) and goes on."""
+    try:
+        yield
+    except Exception as e:
+        error: BaseException | None = e
+        while error is not None and not isinstance(error, FlanSquadError):
+            error = error.__cause__
+        if error is None or _in_multirun():
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -24,8 +24,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.errors import exit_on_error  # noqa: E402
+from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
-from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
+from flan_squad.results import PeakMemory  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ def _summary(m: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["f1"]
+    with exit_on_error():
+        return evaluate(cfg)["f1"]
 
 
 if __name__ == "__main__":

@@ -9,9 +9,6 @@ export computes W + BA where the run computed dequant(NF4(W)) + BA: answers can 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,7 +19,8 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401
-from flan_squad.results import write_json_atomic  # noqa: E402
+from flan_squad.errors import exit_on_error  # noqa: E402
+from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs import RunError, run_config  # noqa: E402
 from flan_squad.strategies import LoRA  # noqa: E402
 
@@ -47,9 +45,7 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
         model = strategy.load(model_dir, base, cpu)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.staging-"))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "flan_squad_export.json", {
@@ -57,22 +53,15 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
             "merged": isinstance(strategy, LoRA),
         })
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         path = export(cfg.run_dir, cfg.output_dir)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported {cfg.run_dir} to {path}: AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})")
 
 

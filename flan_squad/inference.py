@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from flan_squad.data import UNANSWERABLE, answer_to_prediction, collate, encode
-from flan_squad.metrics import Question
+from flan_squad.data import collate, encode
+from flan_squad.squad import UNANSWERABLE, Question, answer_to_prediction
 
 
 @torch.no_grad()

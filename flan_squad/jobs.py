@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from flan_squad.errors import ConfigError
+from flan_squad.files import write_json_atomic  # torch-free: the report imports this module
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class JobStatus(Callback):
             record["traceback"] = "".join(traceback.format_exception(error))[-5000:]
             log.error("job %s failed (%s); the sweep goes on and reports it at the end", record["job_num"],
                       record["error"])
-        from flan_squad.results import write_json_atomic  # here: the report imports this module, not torch
-
         output_dir = Path(config.hydra.runtime.output_dir)
         write_json_atomic(output_dir / STATUS_FILE, record)
         _free_memory()
@@ -85,7 +84,7 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     if auto_batch_size:
         if auto_batch_size_max < 2:
             raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
-                             f"(the finder starts at 2)")
+                              f"(the finder starts at 2)")
         callbacks.append(_training_batch_size_finder()(mode="power", init_val=2, max_val=auto_batch_size_max))
     return L.Trainer(callbacks=callbacks, **trainer_kwargs)
 

@@ -1,12 +1,12 @@
 """The official SQuAD scoring rules, v1.1 and v2.0, in one place.
 
 Every score this project reports (training validation, `metrics.json`, `flan_squad.score`) comes from
-here. The functions follow the official evaluation scripts line for line, including their order of
-summation, so that the numbers are identical to the last floating-point bit:
+here. The functions follow the official evaluation scripts, including their order of summation, so that
+the numbers are identical to the last floating-point bit (tests/golden/ holds the scripts' own figures):
 - v1.1: https://worksheets.codalab.org/rest/bundles/0xbcd57bee090b421c982906709c8c27e1/contents/blob/
 - v2.0: https://worksheets.codalab.org/rest/bundles/0x6b567e1cf2e041ec80d7098f031c5c9e/contents/blob/
 
-Questions are given as `Question` records in dataset order (see `flan_squad.data.read_squad_file`);
+Questions are given as `Question` records in dataset order (see `flan_squad.squad.read_squad_file`);
 predictions as `{question_id: answer_text}`, where "" means "no answer".
 """
 
@@ -15,28 +15,12 @@ from __future__ import annotations
 import collections
 import re
 import string
-from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+from flan_squad.squad import Question
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class Question:
-    """One SQuAD question, flattened out of its article and paragraph."""
-
-    id: str
-    question: str
-    context: str
-    answers: tuple[str, ...]  # gold answer texts; empty for an unanswerable v2 question
-    answer_starts: tuple[int, ...] = ()
-    title: str = ""
-
-    @property
-    def has_answer(self) -> bool:
-        # The v2 script decides "has answer" by a non-empty answer list, not by `is_impossible`.
-        return bool(self.answers)
 
 
 def normalize_answer(text: str) -> str:
@@ -47,23 +31,29 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-# --- v1.1 -----------------------------------------------------------------------------------------
+def exact_match_score(prediction: str, gold: str) -> int:
+    return int(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def exact_match_v1(prediction: str, ground_truth: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(ground_truth)
+def f1_score(prediction: str, gold: str, empty_is_no_answer: bool = False) -> float:
+    """Token F1 of the normalised texts, as both official scripts compute it.
 
-
-def f1_v1(prediction: str, ground_truth: str) -> float:
+    v1.1 scores an empty side 0 (it shares no token). v2.0 (`empty_is_no_answer`) reads an empty side as
+    "no answer": 1 if both sides are empty, 0 if only one is.
+    """
     prediction_tokens = normalize_answer(prediction).split()
-    ground_truth_tokens = normalize_answer(ground_truth).split()
-    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
-    num_same = sum(common.values())
+    gold_tokens = normalize_answer(gold).split()
+    if empty_is_no_answer and not (prediction_tokens and gold_tokens):
+        return int(prediction_tokens == gold_tokens)
+    num_same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
     if num_same == 0:
         return 0
     precision = 1.0 * num_same / len(prediction_tokens)
-    recall = 1.0 * num_same / len(ground_truth_tokens)
+    recall = 1.0 * num_same / len(gold_tokens)
     return (2 * precision * recall) / (precision + recall)
+
+
+# --- v1.1 -----------------------------------------------------------------------------------------
 
 
 def evaluate_v1(questions: Sequence[Question], predictions: Mapping[str, str]) -> dict:
@@ -74,37 +64,12 @@ def evaluate_v1(questions: Sequence[Question], predictions: Mapping[str, str]) -
         if q.id not in predictions:
             continue
         prediction = predictions[q.id]
-        exact_match += max(exact_match_v1(prediction, gt) for gt in q.answers)
-        f1 += max(f1_v1(prediction, gt) for gt in q.answers)
+        exact_match += max(exact_match_score(prediction, gold) for gold in q.answers)
+        f1 += max(f1_score(prediction, gold) for gold in q.answers)
     return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
 
 
 # --- v2.0 -----------------------------------------------------------------------------------------
-
-
-def _tokens_v2(text: str) -> list[str]:
-    if not text:
-        return []
-    return normalize_answer(text).split()
-
-
-def exact_v2(gold: str, prediction: str) -> int:
-    return int(normalize_answer(gold) == normalize_answer(prediction))
-
-
-def f1_v2(gold: str, prediction: str) -> float:
-    gold_tokens = _tokens_v2(gold)
-    prediction_tokens = _tokens_v2(prediction)
-    common = collections.Counter(gold_tokens) & collections.Counter(prediction_tokens)
-    num_same = sum(common.values())
-    if len(gold_tokens) == 0 or len(prediction_tokens) == 0:
-        # If either is no-answer, F1 is 1 if they agree, 0 otherwise.
-        return int(gold_tokens == prediction_tokens)
-    if num_same == 0:
-        return 0
-    precision = 1.0 * num_same / len(prediction_tokens)
-    recall = 1.0 * num_same / len(gold_tokens)
-    return (2 * precision * recall) / (precision + recall)
 
 
 def raw_scores_v2(questions: Sequence[Question], predictions: Mapping[str, str]) -> tuple[dict, dict]:
@@ -117,8 +82,8 @@ def raw_scores_v2(questions: Sequence[Question], predictions: Mapping[str, str])
         if q.id not in predictions:
             continue
         prediction = predictions[q.id]
-        exact_scores[q.id] = max(exact_v2(a, prediction) for a in gold_answers)
-        f1_scores[q.id] = max(f1_v2(a, prediction) for a in gold_answers)
+        exact_scores[q.id] = max(exact_match_score(prediction, gold) for gold in gold_answers)
+        f1_scores[q.id] = max(f1_score(prediction, gold, empty_is_no_answer=True) for gold in gold_answers)
     return exact_scores, f1_scores
 
 

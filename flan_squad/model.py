@@ -11,9 +11,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from flan_squad.errors import ConfigError, FlanSquadError, TrainingError
+from flan_squad.files import write_dir_atomic
 from flan_squad.inference import answer_windows, collect_answers, run_encoder, spellable_by
 from flan_squad.metrics import score
 
@@ -135,12 +134,14 @@ class BaseModel:
                     std = model.config.initializer_factor * model.config.d_model ** -0.5
                     model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
                     model.config.tie_word_embeddings = False  # saved as the published FLAN-T5 configs say
-                staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
-                model.save_pretrained(staging)
-                if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
-                    raise RuntimeError(f"building {directory} inside a distributed process group wrote nothing: "
-                                       f"call BaseModel.checkpoint() before the process group starts")
-                os.replace(staging, directory)  # a crash mid-save leaves no half-written checkpoint behind
+
+                def save(staging: Path) -> None:
+                    model.save_pretrained(staging)
+                    if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
+                        raise RuntimeError(f"building {directory} inside a distributed process group wrote nothing: "
+                                           f"call BaseModel.checkpoint() before the process group starts")
+
+                write_dir_atomic(directory, save)  # a crash mid-save leaves no half-written checkpoint behind
         return directory
 
 

@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from flan_squad.results import write_json_atomic
+from flan_squad.files import write_json_atomic
 
 SOURCE = "data/squad/v1.1/dev-v1.1.json"  # under the shared dir: the paragraphs the facts are planted into
 KINDS = "access launch vault door radio bank locker safe gate alarm".split()

@@ -21,11 +21,11 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.data import DataError, UNANSWERABLE  # noqa: E402
+from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import answer_questions  # noqa: E402
-from flan_squad.metrics import Question  # noqa: E402
-from flan_squad.results import write_json_atomic  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
+from flan_squad.squad import UNANSWERABLE, DataError, Question  # noqa: E402
 
 
 def read_questions(path: str | Path) -> list[Question]:
@@ -69,9 +69,9 @@ def read_questions(path: str | Path) -> list[Question]:
 def predict(cfg: DictConfig) -> dict[str, str]:
     single = cfg.question is not None or cfg.context is not None
     if single == (cfg.input_file is not None):
-        raise ValueError("give either question=... context=... or input_file=... (not both)")
+        raise ConfigError("give either question=... context=... or input_file=... (not both)")
     if single and not (cfg.question and cfg.context):
-        raise ValueError("question=... and context=... both need text")
+        raise ConfigError("question=... and context=... both need text")
     questions = (read_questions(cfg.input_file) if cfg.input_file
                  else [Question("question", str(cfg.question), str(cfg.context), ())])
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -85,11 +85,8 @@ def predict(cfg: DictConfig) -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         predictions = predict(cfg)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if cfg.input_file is None:
         print(predictions["question"] or UNANSWERABLE)
     elif cfg.output_file:

@@ -23,12 +23,13 @@ from typing import Any
 
 import yaml
 
+from flan_squad.errors import FlanSquadError
 from flan_squad.jobs import STATUS_FILE
 
 RUN_MARKERS = ("metrics.json", STATUS_FILE, ".hydra/overrides.yaml")
 
 
-class ReportError(Exception):
+class ReportError(FlanSquadError):
     """Input the report cannot use; the message says which path and why."""
 
 

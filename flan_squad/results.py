@@ -1,15 +1,15 @@
-"""What a run costs and what it writes: training time, throughput, peak memory, result files, summary."""
+"""What a run costs and what it leaves: its run dir, training time, throughput, peak memory, summary.
+
+The result files themselves are written all or nothing by `flan_squad.files`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -45,43 +45,6 @@ def prepare_run_dir(output_dir: Path, resume: bool, ckpt_path: str | None, overw
         path = output_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return None
-
-
-def write_dir_atomic(directory: str | Path, write: Callable[[Path], None]) -> None:
-    """Fill a directory through a staging dir and renames: a crash leaves the old one or the new one whole."""
-    directory = Path(directory)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
-    try:
-        write(staging)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PeakMemory:

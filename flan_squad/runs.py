@@ -16,10 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flan_squad.errors import FlanSquadError
 from flan_squad.model import BaseModel
 
 
-class RunError(ValueError):
+class RunError(FlanSquadError, ValueError):
     """A run dir that cannot be restored; the message names it."""
 
 

@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from flan_squad.data import DataError, read_squad_file
-from flan_squad.metrics import Question, evaluate_v1, evaluate_v2, normalize_answer
-from flan_squad.results import write_json_atomic
+from flan_squad.errors import FlanSquadError
+from flan_squad.files import write_json_atomic
+from flan_squad.metrics import evaluate_v1, evaluate_v2, normalize_answer
+from flan_squad.squad import Question, read_squad_file
 
 
-class ScoreError(ValueError):
+class ScoreError(FlanSquadError, ValueError):
     """An input file that cannot be scored; the message names it."""
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             na_probs = read_json_object(args.na_prob_file, "no-answer probability", (int, float))
         result, missing = official_scores(version, questions, predictions, na_probs, args.na_prob_thresh,
                                           args.allow_missing)
-    except (DataError, ScoreError) as e:
+    except FlanSquadError as e:  # a DataError or a ScoreError: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     if missing:

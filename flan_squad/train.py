@@ -7,9 +7,7 @@ artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_prob
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataloader may fork after tokenizing
 
@@ -24,14 +22,11 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
+from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
-from flan_squad.results import (  # noqa: E402
-    CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
-)
-
-log = logging.getLogger(__name__)
+from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -117,14 +112,9 @@ def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_error():
         _refuse_ddp_in_local_multirun(cfg)
         return train(cfg)["f1"]  # what a sweeper maximises
-    except FlanSquadError as e:
-        log.error("%s", e)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed and goes on
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in
 def test_groups_have_the_documented_options():
     assert GROUPS["model"] == ["flan_t5_base", "flan_t5_large", "flan_t5_small", "t5_tiny"]
     assert GROUPS["strategy"] == ["full", "lora", "qlora"]
-    assert GROUPS["dataset"] == ["squad_v1", "squad_v2"]
+    assert GROUPS["dataset"] == ["planted_v1", "planted_v2", "squad_v1", "squad_v2"]
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options])

@@ -7,11 +7,8 @@ import json
 import pytest
 
 from conftest import DEV_V1, DEV_V2, TRAIN_V2_SAMPLE
-from flan_squad.data import (
-    INSTRUCTIONS, UNANSWERABLE, DataError, SquadDataModule, answer_to_prediction, collate, encode,
-    read_squad_file, read_squad_hub, sample,
-)
-from flan_squad.metrics import Question
+from flan_squad.data import SquadDataModule, collate, encode, read_squad_hub, sample
+from flan_squad.squad import INSTRUCTIONS, UNANSWERABLE, DataError, Question, answer_to_prediction, read_squad_file
 
 
 @pytest.fixture(scope="module")

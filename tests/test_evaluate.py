@@ -12,12 +12,12 @@ import torch
 
 from conftest import SHARED, compose_config
 from flan_squad.config import PROJECT_ROOT
-from flan_squad.data import read_squad_file
 from flan_squad.evaluate import evaluate
 from flan_squad.export import export
 from flan_squad.inference import answer_questions
 from flan_squad.predict import predict
 from flan_squad.runs import RunError, load_run
+from flan_squad.squad import read_squad_file
 from flan_squad.train import train
 
 SMALL = ["experiment=smoke", "dataset=squad_v2", "dataset.limit_val=8", "dataset.max_source_length=128",

@@ -74,7 +74,7 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained):
 
 
 def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
-    from flan_squad.data import read_squad_file
+    from flan_squad.squad import read_squad_file
     from flan_squad.planted import build, make_split
 
     texts = ["First real sentence. Second one.", "Another paragraph here."]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flan_squad.metrics import Question, normalize_answer, score
+from flan_squad.metrics import normalize_answer, score
+from flan_squad.squad import Question
 
 
 def q(qid, *answers):
@@ -14,6 +15,7 @@ def q(qid, *answers):
 @pytest.mark.parametrize("text, normalized", [
     ("The Eiffel Tower", "eiffel tower"), ("  a  cat,  an apple ", "cat apple"), ("Theory", "theory"),
     ("U.S.A.", "usa"), ("«quoted»", "«quoted»"), ("the", ""), ("", ""),
+    ("«the»", "« »"),  # an article is replaced by a space, which splits what stood around it
 ])
 def test_normalize_answer(text, normalized):
     assert normalize_answer(text) == normalized

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import SHARED, compose_config
 from flan_squad.config import PROJECT_ROOT
 from flan_squad.errors import RunDirError, TrainingError
-from flan_squad.results import prepare_run_dir, write_dir_atomic, write_json_atomic
+from flan_squad.files import write_dir_atomic, write_json_atomic
+from flan_squad.results import prepare_run_dir
 from flan_squad.train import train
 
 TESTS = Path(__file__).parent
@@ -151,3 +152,4 @@ def test_dir_write_is_all_or_nothing(tmp_path):
     write_dir_atomic(target, lambda d: (d / "weights").write_text("new"))
     assert (target / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # mkdtemp's mode would hide it from other users

@@ -8,8 +8,8 @@ import torch
 
 from flan_squad.data import collate, encode
 from flan_squad.inference import answer_windows
-from flan_squad.metrics import Question
 from flan_squad.model import BaseModel, count_parameters
+from flan_squad.squad import Question
 from flan_squad.strategies import LoRA, FullFineTuning, QLoRA
 
 STRATEGIES = {

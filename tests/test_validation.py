@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import runpy
 import subprocess
 import sys
-import os
+import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import DEV_V1, DEV_V2, SHARED, compose_config
 from flan_squad.config import PROJECT_ROOT
-from flan_squad.data import DataError, SquadDataModule, read_squad_file
+from flan_squad.data import SquadDataModule
 from flan_squad.errors import ConfigError
-from flan_squad.metrics import Question, score
+from flan_squad.metrics import score
 from flan_squad.model import BaseModel
+from flan_squad.predict import predict
+from flan_squad.squad import DataError, Question, read_squad_file
 from flan_squad.strategies import QLoRA
 
 
@@ -80,10 +86,66 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
         [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "dataset.train_file=/nonexistent/train.json",
          f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: /nonexistent/train.json: no such file (set dataset.train_file / dataset.validation_file)")
-    assert "Traceback" not in result.stderr
+    message = "/nonexistent/train.json: no such file (set dataset.train_file / dataset.validation_file)"
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in result.stderr and (result.stdout + result.stderr).count(message) == 1  # said once
+
+
+def _run_module(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m module argv` in this process (no ~9 s import of the stack): exit status, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # Hydra sets up logging for its job: undone after
+    monkeypatch.setattr(root, "level", root.level)
+    with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": it is, and runs again as __main__
+        runpy.run_module(module, run_name="__main__")
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_evaluate_bad_run_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = _run_module("flan_squad.evaluate", [f"run_dir={tmp_path / 'nope'}", "trainer=cpu",
+                                          f"hydra.run.dir={tmp_path / 'eval'}"], monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (f"error: run_dir={tmp_path / 'nope'}: no config.yaml there: "
+                                            f"not a run dir written by flan_squad.train")
+    assert "Traceback" not in err and err.count("no config.yaml") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["question=Where?"], "question=... and context=... both need text"),
+    (["question=Where?", "context=Here.", "input_file=q.json"], "give either question=... context=... or input_file"),
+    (["input_file=/nonexistent/q.json"], "input_file=/nonexistent/q.json: cannot read it"),
+])
+def test_predict_bad_arguments_are_one_line(argv, message, monkeypatch, capsys):
+    code, out, err = _run_module("flan_squad.predict", argv, monkeypatch, capsys)
+    assert code == 2 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_predict_argument_errors_are_config_errors():
+    for args in ({"question": "Where?", "context": None, "input_file": None},
+                 {"question": None, "context": None, "input_file": None}):
+        with pytest.raises(ConfigError):
+            predict(OmegaConf.create(args))
+
+
+def test_only_flan_squad_errors_become_one_line(monkeypatch, capsys):
+    from flan_squad import errors
+
+    monkeypatch.setattr(errors, "_in_multirun", lambda: False)
+    with pytest.raises(SystemExit) as exit_, errors.exit_on_error():
+        try:
+            raise ConfigError("strategy.rank=0: must be a whole number > 0")
+        except ConfigError as e:
+            raise RuntimeError("Error in call to target 'LoRA'") from e  # as hydra's instantiate wraps it
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: strategy.rank=0: must be a whole number > 0\n"
+    with pytest.raises(KeyError), errors.exit_on_error():  # a bug keeps its traceback
+        raise KeyError("x")
+    monkeypatch.setattr(errors, "_in_multirun", lambda: True)
+    with pytest.raises(ConfigError), errors.exit_on_error():  # a sweep job fails the Hydra way: recorded, raised
+        raise ConfigError("strategy.rank=0: must be a whole number > 0")
 
 
 # --- property tests: anything in, only the documented errors out -----------------------------------------
