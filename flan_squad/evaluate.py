@@ -27,7 +27,7 @@ from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
-from flan_squad.results import PeakMemory  # noqa: E402
+from flan_squad.results import PeakMemory, framed  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **module.answer_stats,
         "evaluated": restored.source,
         "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
-        "strategy": restored.strategy.name if cfg.get("run_dir") else None,
+        # a base model as it is: the "before fine-tuning" row of a comparison report
+        "strategy": restored.strategy.name if cfg.get("run_dir") else "base",
+        "approach": None if cfg.get("run_dir") else "base model, not fine-tuned",
         "model": restored.base.name,
         "init": restored.base.init,
+        "model_note": restored.base.note,
         "dataset": datamodule.name,
         "squad_version": datamodule.version,
         "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
@@ -90,18 +93,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _summary(m: dict[str, Any]) -> str:
-    lines = [
+    return framed([
         f"flan-squad evaluate · {m['evaluated']} · {m['dataset']} ({m['split']})",
         f"  scores     exact {m['exact']:.2f}  f1 {m['f1']:.2f}  on {m['total']} questions"
         + (f"  (best_f1 {m['best_f1']:.2f} at na_prob > {m['best_f1_thresh']:.3g})" if "best_f1" in m else ""),
         f"  answering  {m['multi_window_questions']} questions needed >1 window, {m['snapped_answers']} answers "
         f"snapped to the context, {m['eval_time_s']:.1f} s ({m['eval_questions_per_s']:.2f} questions/s)",
         f"  artefacts  {m['output_dir']}",
-    ]
-    if m["init"] == "random":
-        lines.insert(1, "  NOTE       random-init weights: these scores say nothing about FLAN-T5's accuracy")
-    width = max(len(line) for line in lines)
-    return "\n".join(["=" * width, *lines, "=" * width])
+    ], m)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -75,6 +75,7 @@ class BaseModel:
     architecture: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     cache_dir: str = "outputs/.cache"
+    note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
@@ -85,7 +86,7 @@ class BaseModel:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({'random init' if self.init == 'random' else 'pretrained'})"
+        return f"{self.name} ({self.note or ('random init' if self.init == 'random' else 'pretrained')})"
 
     def checkpoint(self) -> str:
         """A path or hub id that `from_pretrained` can load."""

@@ -59,6 +59,8 @@ class Run:
 
     @property
     def approach(self) -> str:
+        if self.get("approach"):
+            return str(self.get("approach"))
         return f"{self.strategy} r={self.rank}" if self.rank is not None else self.strategy
 
     @property
@@ -226,6 +228,8 @@ def _cell(setting: Setting, key: str, fmt: str, best: float | None) -> str:
 
 
 def _init_cell(run: Run) -> str:
+    if run.get("model_note"):
+        return str(run.get("model_note"))
     return "random init (scores meaningless)" if run.get("init") == "random" else str(run.get("init", "?"))
 
 

@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "strategy": strategy.name,
         "model": base.name,
         "init": base.init,
+        "model_note": base.note,
         "dataset": datamodule.name,
         "squad_version": datamodule.version,
         **module.parameter_counts(),
