@@ -43,7 +43,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.data import answer_to_prediction  # noqa: E402
 from flan_squad.inference import generate_answers  # noqa: E402
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.base import count_parameters  # noqa: E402
+from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
 from flan_squad.strategies import FullFineTuning  # noqa: E402
 

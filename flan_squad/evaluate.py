@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.base import count_parameters  # noqa: E402
+from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory, write_json_atomic  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 

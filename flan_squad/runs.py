@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from flan_squad.model import BaseModel
+from flan_squad.base import BaseModel
 
 
 class RunError(ValueError):

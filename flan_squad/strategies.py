@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flan_squad.errors import ConfigError
-from flan_squad.model import BaseModel
+from flan_squad.base import BaseModel
 
 log = logging.getLogger(__name__)
 

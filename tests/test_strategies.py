@@ -9,7 +9,7 @@ import torch
 from flan_squad.data import collate, encode
 from flan_squad.inference import answer_windows
 from flan_squad.metrics import Question
-from flan_squad.model import BaseModel, count_parameters
+from flan_squad.base import BaseModel, count_parameters
 from flan_squad.strategies import LoRA, FullFineTuning, QLoRA
 
 STRATEGIES = {
@@ -185,14 +185,14 @@ def test_random_init_is_seeded(tiny_base, tmp_path):
 
 
 def test_pretrained_hub_id_offline_says_how_to_use_local_files():
-    from flan_squad.model import ModelLoadError
+    from flan_squad.base import ModelLoadError
     base = BaseModel(name="flan-t5-base", name_or_path="google/flan-t5-base-not-cached")
     with pytest.raises(ModelLoadError, match="model.init=random"):
         base.load()
 
 
 def test_missing_local_tokenizer_dir_names_it_and_the_shared_folder(tmp_path):
-    from flan_squad.model import ModelLoadError
+    from flan_squad.base import ModelLoadError
     missing = tmp_path / "shared" / "models" / "flan-t5-small-tokenizer"
     base = BaseModel(name="t5-tiny", name_or_path="x", init="random", tokenizer=str(missing))
     with pytest.raises(ModelLoadError, match=f"tokenizer directory {missing} does not exist.*FLAN_SQUAD_SHARED"):

@@ -17,7 +17,7 @@ from flan_squad.config import PROJECT_ROOT
 from flan_squad.data import DataError, SquadDataModule, read_squad_file
 from flan_squad.errors import ConfigError
 from flan_squad.metrics import Question, score
-from flan_squad.model import BaseModel
+from flan_squad.base import BaseModel
 from flan_squad.strategies import QLoRA
 
 
