@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
-from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
+from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import (  # noqa: E402
     CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
