@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from flan_squad.base import BaseModel
+from flan_squad.strategies import Strategy
 
 
 class RunError(ValueError):
@@ -26,7 +27,7 @@ class RunError(ValueError):
 @dataclass
 class Restored:
     base: BaseModel
-    strategy: Any
+    strategy: Strategy
     model: nn.Module
     tokenizer: Any
     version: str  # the SQuAD version (prompt) the run was trained on

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, FlanSquadError  # noqa: E402
-from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import (  # noqa: E402
     CostMonitor, prepare_run_dir, summary, write_dir_atomic, write_json_atomic,
 )
+from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **module.scores,
         **module.answer_stats,
         "strategy": strategy.name,
+        "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
         "model": base.name,
         "init": base.init,
         "dataset": datamodule.name,
