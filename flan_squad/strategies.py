@@ -7,7 +7,7 @@ fields, so adding a strategy means one class here and one YAML file in `conf/str
 
 - `FullFineTuning`: every parameter trains; the whole model is saved.
 - `Adapters` (PEFT) on a frozen base, the only part that trains and is saved; an export merges them into
-  a full-precision base: `LoRA`, and `QLoRA` (LoRA on a 4-bit base).
+  a full-precision base: `LoRA`, `QLoRA` (LoRA on a 4-bit base) and `IA3`.
 """
 
 from __future__ import annotations
@@ -226,3 +226,23 @@ class QLoRA(LoRA):
             gradient_checkpointing_kwargs=_NON_REENTRANT,
         )
 
+
+class IA3(Adapters):
+    """(IA)^3: learned vectors that rescale attention keys and values and the feed-forward input, one number per
+    channel (T-Few, Liu et al. 2022): far fewer trainable parameters than LoRA, and no rank to choose."""
+
+    name = "ia3"
+
+    def __init__(self, lr: float = 3e-3, target_modules: Sequence[str] = ("k", "v", "wo"),
+                 feedforward_modules: Sequence[str] = ("wo",), gradient_checkpointing: bool = False):
+        super().__init__(lr, gradient_checkpointing)
+        if not set(feedforward_modules) <= set(target_modules):
+            raise ConfigError(f"strategy.feedforward_modules={list(feedforward_modules)}: must be among "
+                              f"strategy.target_modules={list(target_modules)}")
+        self.target_modules, self.feedforward_modules = list(target_modules), list(feedforward_modules)
+
+    def peft_config(self):
+        from peft import IA3Config, TaskType
+
+        return IA3Config(target_modules=self.target_modules, feedforward_modules=self.feedforward_modules,
+                         task_type=TaskType.SEQ_2_SEQ_LM)
