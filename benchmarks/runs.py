@@ -40,13 +40,13 @@ from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import generate_answers  # noqa: E402
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory  # noqa: E402
 from flan_squad.squad import answer_to_prediction  # noqa: E402
-from flan_squad.strategies import FullFineTuning  # noqa: E402
 
 from benchmarks.flops import train_flops  # noqa: E402
 
@@ -57,7 +57,7 @@ PIPELINES = ("project", "hf", "hf_pad")
 class Spec:
     pipeline: str = "project"  # project | hf | hf_pad (training); eval runs compare project and hf
     model: str = "flan_t5_small"  # a conf/model option, always built with random weights
-    strategy: str = "full"
+    strategy: str | None = None  # a conf/strategy option; None: conf/train.yaml's default
     gradient_checkpointing: bool = False
     steps: int = 10  # optimizer steps per epoch; the run trains on steps * batch_size questions
     epochs: int = 3  # one throughput measurement per epoch; the median is reported
@@ -73,7 +73,7 @@ def compose_config(spec: Spec, output_dir: str):
     """The run's config, composed from conf/ as a training run would be (no Hydra run dir)."""
     overrides = [
         f"model={spec.model}", "model.init=random", "model.tokenizer=${paths.tokenizer_dir}",
-        f"strategy={spec.strategy}",
+        *([f"strategy={spec.strategy}"] if spec.strategy else []),
         f"strategy.gradient_checkpointing={spec.gradient_checkpointing}", f"dataset={spec.dataset}",
         f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
         f"dataset.max_source_length={spec.max_source_length}",
@@ -220,7 +220,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
     examples = len(enc.ids)
     tokens = sum(map(len, enc.input_ids)) + sum(map(len, enc.labels))  # real tokens, as CostMonitor counts
     flops = train_flops(s.base.config(), [(len(x), len(y)) for x, y in zip(enc.input_ids, enc.labels)],
-                        frozen_base=spec.strategy != "full")
+                        frozen_base=params["trainable_params"] < params["total_params"])
     per_epoch = [examples / t for t in seconds]
     expected = Counter(enc.ids)
     return {
@@ -249,7 +249,7 @@ def eval_run(spec: Spec, repeats: int) -> dict[str, Any]:
         s = _Setup(spec, output_dir)
         dm, tokenizer, max_new_tokens = s.datamodule, s.tokenizer, s.cfg.eval.max_new_tokens
         dm.setup("validate")
-        model = FullFineTuning().build(s.base, s.device).eval()
+        model = s.base.load().to(s.device).eval()  # the base as it is: only answering is measured
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=spec.device == "cuda")
 
         def project() -> dict[str, str]:

@@ -24,9 +24,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
+from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory, framed  # noqa: E402
 from flan_squad.runs import restore  # noqa: E402
 
@@ -63,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
         # a base model as it is: the "before fine-tuning" row of a comparison report
         "strategy": restored.strategy.name if cfg.get("run_dir") else "base",
-        "approach": None if cfg.get("run_dir") else "base model, not fine-tuned",
+        "approach": restored.strategy.describe() if cfg.get("run_dir") else {"label": "base model, not fine-tuned",
+                                                                              "capacity": None},
         "model": restored.base.name,
         "init": restored.base.init,
         "model_note": restored.base.note,

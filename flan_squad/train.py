@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
 from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
+from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -66,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **module.scores,
         **module.answer_stats,
         "strategy": strategy.name,
+        "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
         "model": base.name,
         "init": base.init,
         "model_note": base.note,

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import bench
 from benchmarks.flops import forward_flops
-from flan_squad.model import BaseModel
+from flan_squad.base import BaseModel
 from conftest import SHARED
 
 
