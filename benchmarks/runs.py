@@ -44,7 +44,6 @@ from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import generate_answers  # noqa: E402
-from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory  # noqa: E402
 from flan_squad.squad import answer_to_prediction  # noqa: E402
 
@@ -166,8 +165,8 @@ def _pad_to_max(max_source: int, max_target: int, pad_id: int):
 
 def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg = s.cfg
-    module = SquadQAModule(s.base, s.strategy, s.tokenizer, s.datamodule.version, cfg.eval.max_new_tokens,
-                           cfg.optim.weight_decay, cfg.optim.warmup_ratio)
+    module = instantiate(cfg.module)(base=s.base, strategy=s.strategy, tokenizer=s.tokenizer,
+                                     version=s.datamodule.version)
     epochs = _LightningEpochs()
     trainer = instantiate(cfg.trainer, max_epochs=spec.epochs, logger=False, callbacks=[epochs],
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -191,8 +190,8 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list
     epochs = _HFEpochs(ids_seen, padded)
     args = Seq2SeqTrainingArguments(
         output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
-        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optim.weight_decay,
-        warmup_steps=cfg.optim.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
+        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.module.optimizer.weight_decay,
+        warmup_steps=cfg.module.scheduler.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
         max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
         bf16=spec.device == "cuda", seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,

@@ -27,14 +27,15 @@ from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/
 from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import PeakMemory, framed  # noqa: E402
-from flan_squad.runs import restore  # noqa: E402
+from flan_squad.runs import restore, run_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("run_dir"):
+        run_config(cfg.run_dir)  # a bad run_dir fails at once, before the Trainer and the model start
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -46,13 +47,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     peak = PeakMemory(device)
     peak.reset()
     restored = restore(cfg, device)
-    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, seed=cfg.seed,
-                             eval_stride=cfg.eval.stride, val_split=cfg.split)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split)
     if restored.version != datamodule.version:
         log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
                     restored.source, restored.version, datamodule.version, datamodule.name)
-    module = SquadQAModule(restored.base, restored.strategy, restored.tokenizer, datamodule.version,
-                           cfg.eval.max_new_tokens, snap_to_context=cfg.eval.snap_to_context, model=restored.model)
+    module = instantiate(cfg.module)(base=restored.base, strategy=restored.strategy, tokenizer=restored.tokenizer,
+                                     version=datamodule.version, model=restored.model)
     started = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - started

@@ -24,6 +24,9 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     if precision.startswith("16"):
         raise ConfigError(f"trainer.precision={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
                           f"use bf16-mixed or 32-true")
+    max_epochs = trainer_kwargs.get("max_epochs")
+    if max_epochs is not None and max_epochs < 1 and trainer_kwargs.get("max_steps", -1) in (-1, None):
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (or set trainer.max_steps)")
     callbacks = list(callbacks or [])
     if auto_batch_size:
         if auto_batch_size_max < 2:
