@@ -72,6 +72,7 @@ class BaseModel:
     init_seed: int = 0
     cache_dir: str = "outputs/.cache"
     note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
+    random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. the FLAN-T5 one (all sizes share it)
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
@@ -99,7 +100,7 @@ class BaseModel:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        name = self.tokenizer or self.name_or_path
+        name = self.tokenizer or (self.random_init_tokenizer if self.init == "random" else None) or self.name_or_path
         try:
             return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:

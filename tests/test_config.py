@@ -97,3 +97,11 @@ def test_sweep_keys_exist_for_lr_and_capacity(strategy, tmp_path):
     overrides = [f"strategy={strategy}", "strategy.lr=3e-4"] + ([f"strategy.{capacity['key']}=4"] if capacity else [])
     swept = instantiate(compose_config(overrides, output_dir=tmp_path).strategy)
     assert swept.lr == 3e-4 and (not capacity or swept.describe()["capacity"]["value"] == 4)
+
+
+@pytest.mark.parametrize("size", ["flan_t5_small", "flan_t5_base", "flan_t5_large"])
+def test_random_init_of_any_flan_t5_size_needs_no_hub(size, tmp_path):
+    # every FLAN-T5 size shares one tokenizer: init=random takes the one in the shared folder
+    base = instantiate(compose_config([f"model={size}", "model.init=random"], output_dir=tmp_path).model)
+    assert base.load_tokenizer().vocab_size == 32000
+    assert instantiate(compose_config([f"model={size}"], output_dir=tmp_path).model).tokenizer is None  # the hub's
