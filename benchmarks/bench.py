@@ -343,8 +343,8 @@ def _fmt(x, spec: str = ".2f", none: str = "-") -> str:
 def table(res: dict) -> str:
     s, m = res["settings"], res["machine"]
     lines = [
-        f"flan-squad benchmarks · {s['model']} + {s['memory_model']} architectures, RANDOM INIT · {s['dataset']} · "
-        f"device {s['device']}",
+        f"flan-squad benchmarks · {' + '.join(filter(None, (s['model'], s['memory_model'])))} architectures, "
+        f"RANDOM INIT · {s['dataset']} · device {s['device']}",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, torch {m['torch']} "
         f"({m['torch_threads']} threads), load at start {m['load_average_at_start']}; bf16 "
         f"{'native' if res['bf16_native'] else 'EMULATED (no AVX512-BF16/AMX: slow)'}, so the project runs in "

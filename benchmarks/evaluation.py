@@ -27,7 +27,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,13 +84,15 @@ def train_planted(spec: Spec, steps: int, run_dir: str | Path, lr: float = 1e-3)
     from flan_squad.train import train  # noqa: PLC0415
 
     planted = "planted_v2" if spec.dataset.endswith("v2") else "planted_v1"  # the prompt it is evaluated with
-    train(_compose("train", spec, run_dir, [
+    cfg = _compose("train", spec, run_dir, [
         f"model={spec.model}", "model.init=random", "model.tokenizer=${paths.tokenizer_dir}",
         "strategy=full", f"strategy.lr={lr}", f"dataset={planted}", f"dataset.batch_size={spec.batch_size}",
         f"dataset.limit_train={steps * spec.batch_size}", f"dataset.limit_val={spec.batch_size}",
         "trainer.max_epochs=1", "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false",
-        "logger=none", "callbacks=none",
-    ]))
+        "+trainer.enable_model_summary=false", "logger=none", "callbacks=none",
+    ])
+    with contextlib.redirect_stdout(sys.stderr):  # the bench's stdout is its tables; train() prints a summary
+        train(cfg)
     return Path(run_dir)
 
 
