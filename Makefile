@@ -1,5 +1,5 @@
-# flan-squad: `make train` runs the offline smoke job, `make test` the test suite, `make bench` the benchmarks
-# (all install first).
+# flan-squad: `make train` runs the offline smoke job, `make test` the test suite, `make bench` the benchmarks,
+# `make compare-cpu` the strategy comparison from a self-trained base (all install first).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install shared test train bench clean
+.PHONY: install shared test train bench base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,19 @@ train: shared install
 # benchmarks/results/latest.json. ARGS="--quick" for a first look.
 bench: shared install
 	$(PY) -m benchmarks.bench $(ARGS)
+
+# The CPU comparison with scores that mean something (README "Comparing strategies"): a small T5 trained here from
+# random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it,
+# and the report. COMPARE_DIR=... puts it elsewhere; the base is built once and reused.
+BASE_CPU := outputs/bases/t5-mini-planted/model
+COMPARE_DIR ?= outputs/multiruns/compare_cpu
+base-cpu: shared install
+	test -f $(BASE_CPU)/config.json || $(PY) -m flan_squad.train experiment=base_cpu
+
+compare-cpu: base-cpu
+	$(PY) -m flan_squad.evaluate experiment=compare_cpu hydra.mode=RUN hydra.run.dir=$(COMPARE_DIR)/base
+	$(PY) -m flan_squad.train experiment=compare_cpu hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
+	$(PY) -m flan_squad.report $(COMPARE_DIR)
 
 clean:
 	rm -rf outputs/runs outputs/multiruns outputs/.cache .pytest_cache

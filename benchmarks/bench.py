@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 
+from flan_squad.config import CONFIG_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
-STRATEGIES = ("full", "lora", "qlora")
+STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))  # every conf/strategy option
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -302,10 +304,12 @@ def summarise(args, info, native, auto, tables, memory, seconds) -> dict:
                         "train_speedup_vs_hf": _lower(by_gc), "train_speedup_vs_hf_by_gc": by_gc,
                         "eval_speedup_vs_hf": _eval_ratio(mine["eval"], fp32["eval"]),
                         "eval_speedup_vs_hf_trained": _eval_ratio(mine["eval_trained"], fp32["eval_trained"])}
-    full_base = next((r for r in memory if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]
-                      and "error" not in r), {})
-    qlora_gc_base = next((r for r in memory if r["spec"]["strategy"] == "qlora" and r["spec"]["gradient_checkpointing"]
-                          and "error" not in r), {})
+    # A 4-bit base with checkpointing (QLoRA) against training every weight without it (full fine-tuning).
+    ok = [r for r in memory if "error" not in r]
+    full_base = next((r for r in ok if r["trainable_params"] == r["total_params"]
+                      and not r["spec"]["gradient_checkpointing"]), {})
+    qlora_gc_base = min((r for r in ok if r["params_4bit"] and r["spec"]["gradient_checkpointing"]),
+                        key=lambda r: r["peak_memory_mb"], default={})
     for r in memory:
         if "error" not in r:
             r["mfu"] = round(r["model_flops_per_s"] / tables[headline]["peak_matmul"]["peak_flops"], 4)

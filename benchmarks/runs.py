@@ -40,9 +40,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 
+from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
 from flan_squad.results import PeakMemory  # noqa: E402
 
 from benchmarks.flops import train_flops  # noqa: E402
@@ -57,7 +57,7 @@ HF_BF16 = {"fp32": False, "bf16": True}
 class Spec:
     pipeline: str = "project"  # project | hf | hf_pad (training); eval runs compare project and hf
     model: str = "flan_t5_small"  # a conf/model option, always built with random weights
-    strategy: str = "full"
+    strategy: str | None = None  # a conf/strategy option; None: conf/train.yaml's default
     gradient_checkpointing: bool = False
     steps: int = 10  # optimizer steps per epoch; the run trains on steps * batch_size questions
     epochs: int = 3  # one throughput measurement per epoch; the median is reported
@@ -74,7 +74,7 @@ def compose_config(spec: Spec, output_dir: str):
     """The run's config, composed from conf/ as a training run would be (no Hydra run dir)."""
     overrides = [
         f"model={spec.model}", "model.init=random", "model.tokenizer=${paths.tokenizer_dir}",
-        f"strategy={spec.strategy}",
+        *([f"strategy={spec.strategy}"] if spec.strategy else []),
         f"strategy.gradient_checkpointing={spec.gradient_checkpointing}", f"dataset={spec.dataset}",
         f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
         f"dataset.max_source_length={spec.max_source_length}",
@@ -168,8 +168,8 @@ def _pad_to_max(max_source: int, max_target: int, pad_id: int):
 
 def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg = s.cfg
-    module = SquadQAModule(s.base, s.strategy, s.tokenizer, s.datamodule.version, cfg.eval.max_new_tokens,
-                           cfg.optim.weight_decay, cfg.optim.warmup_ratio)
+    module = instantiate(cfg.module)(base=s.base, strategy=s.strategy, tokenizer=s.tokenizer,
+                                     version=s.datamodule.version)
     epochs = _LightningEpochs()
     trainer = instantiate(cfg.trainer, max_epochs=spec.epochs, logger=False, callbacks=[epochs],
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -193,8 +193,8 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list
     epochs = _HFEpochs(ids_seen, padded)
     args = Seq2SeqTrainingArguments(
         output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
-        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optim.weight_decay,
-        warmup_steps=cfg.optim.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
+        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.module.optimizer.weight_decay,
+        warmup_steps=cfg.module.scheduler.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
         max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
         bf16=HF_BF16[spec.precision], seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
@@ -222,7 +222,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
     examples = len(enc.ids)
     tokens = sum(map(len, enc.input_ids)) + sum(map(len, enc.labels))  # real tokens, as CostMonitor counts
     flops = train_flops(s.base.config(), [(len(x), len(y)) for x, y in zip(enc.input_ids, enc.labels)],
-                        frozen_base=spec.strategy != "full")
+                        frozen_base=params["trainable_params"] < params["total_params"])
     per_epoch = [examples / t for t in seconds]
     expected = Counter(enc.ids)
     return {

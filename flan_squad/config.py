@@ -42,11 +42,3 @@ def _planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> 
 
 
 register_resolvers()
-
-
-def t5_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", **kwargs):
-    """Lightning's FSDP strategy wrapping each T5 block (an auto-wrap policy is a set of classes: no YAML form)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.t5.modeling_t5 import T5Block
-
-    return FSDPStrategy(auto_wrap_policy={T5Block}, sharding_strategy=sharding_strategy, **kwargs)

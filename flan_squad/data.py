@@ -287,6 +287,9 @@ class SquadDataModule(L.LightningDataModule):
                               ("max_source_length", max_source_length), ("max_target_length", max_target_length)]:
             if value is None or value <= 0:
                 raise ConfigError(f"dataset.{option}={value}: must be a positive whole number")
+        if eval_stride is not None and not eval_stride >= 1:
+            raise ConfigError(f"eval.stride={eval_stride}: must be a whole number >= 1 (tokens that consecutive "
+                              f"context windows share), or null to truncate long contexts instead")
         for option, value in [("limit_train", limit_train), ("limit_val", limit_val)]:
             if value is not None and value < 0:
                 raise ConfigError(f"dataset.{option}={value}: must be >= 1, or null for all questions")

@@ -26,14 +26,15 @@ from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.model import SquadQAModule, count_parameters  # noqa: E402
-from flan_squad.results import PeakMemory  # noqa: E402
-from flan_squad.runs import Restored, restore  # noqa: E402
+from flan_squad.results import PeakMemory, framed  # noqa: E402
+from flan_squad.runs import Restored, restore, run_config  # noqa: E402
 
 if TYPE_CHECKING:
     from flan_squad.data import SquadDataModule
+    from flan_squad.model import SquadQAModule
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,13 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     peak = PeakMemory(device)
     peak.reset()
     restored = restored or restore(cfg, device)
-    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, seed=cfg.seed,
-                             eval_stride=cfg.eval.stride, val_split=cfg.split)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split)
     if restored.version != datamodule.version:
         log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
                     restored.source, restored.version, datamodule.version, datamodule.name)
     datamodule.setup("validate")  # reading and encoding are not answering: outside the timed part
-    module = SquadQAModule(restored.base, restored.strategy, restored.tokenizer, datamodule.version,
-                           cfg.eval.max_new_tokens, snap_to_context=cfg.eval.snap_to_context, model=restored.model)
+    module = instantiate(cfg.module)(base=restored.base, strategy=restored.strategy, tokenizer=restored.tokenizer,
+                                     version=datamodule.version, model=restored.model)
     started = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - started
@@ -76,6 +76,8 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("run_dir"):
+        run_config(cfg.run_dir)  # a bad run_dir fails at once, before the Trainer and the model start
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -88,9 +90,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **module.answer_stats,
         "evaluated": restored.source,
         "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
-        "strategy": restored.strategy.name if cfg.get("run_dir") else None,
+        # a base model as it is: the "before fine-tuning" row of a comparison report
+        "strategy": restored.strategy.name if cfg.get("run_dir") else "base",
+        "approach": restored.strategy.describe() if cfg.get("run_dir") else {"label": "base model, not fine-tuned",
+                                                                              "capacity": None},
         "model": restored.base.name,
         "init": restored.base.init,
+        "model_note": restored.base.note,
         "dataset": datamodule.name,
         "squad_version": datamodule.version,
         "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
@@ -118,18 +124,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _summary(m: dict[str, Any]) -> str:
-    lines = [
+    return framed([
         f"flan-squad evaluate · {m['evaluated']} · {m['dataset']} ({m['split']})",
         f"  scores     exact {m['exact']:.2f}  f1 {m['f1']:.2f}  on {m['total']} questions"
         + (f"  (best_f1 {m['best_f1']:.2f} at na_prob > {m['best_f1_thresh']:.3g})" if "best_f1" in m else ""),
         f"  answering  {m['multi_window_questions']} questions needed >1 window, {m['snapped_answers']} answers "
         f"snapped to the context, {m['eval_time_s']:.1f} s ({m['eval_questions_per_s']:.2f} questions/s)",
         f"  artefacts  {m['output_dir']}",
-    ]
-    if m["init"] == "random":
-        lines.insert(1, "  NOTE       random-init weights: these scores say nothing about FLAN-T5's accuracy")
-    width = max(len(line) for line in lines)
-    return "\n".join(["=" * width, *lines, "=" * width])
+    ], m)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -1,9 +1,10 @@
 """Export a run as a standalone Hugging Face model: `python -m flan_squad.export run_dir=... output_dir=...`.
 
 The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer beside it) and needs
-neither PEFT nor this project. LoRA adapters are merged into their base; QLoRA adapters into a
-full-precision reload of the base (merging into 4-bit weights would round the update away), so a QLoRA
-export computes W + BA where the run computed dequant(NF4(W)) + BA: answers can differ slightly.
+neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters are merged into a
+full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA: merging into 4-bit
+weights would round the update away), so a QLoRA export computes W + BA where the run computed
+dequant(NF4(W)) + BA: answers can differ slightly.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad import config  # noqa: E402,F401
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs import RunError, run_config  # noqa: E402
-from flan_squad.strategies import LoRA  # noqa: E402
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:
     from hydra.utils import instantiate
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)
@@ -37,21 +35,19 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
     cfg = run_config(run_dir)
     base = instantiate(cfg.model, _convert_="all")
     strategy = instantiate(cfg.strategy, _convert_="all")
-    cpu = torch.device("cpu")
     model_dir = run_dir / "model"
-    if isinstance(strategy, LoRA):  # lora and qlora: adapters on a full-precision base, merged
-        model = PeftModel.from_pretrained(base.load(), model_dir).merge_and_unload()
-    else:
-        model = strategy.load(model_dir, base, cpu)
+    model = strategy.export(model_dir, base)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
+        if (staging / "adapter_config.json").exists():  # transformers would re-apply it on load: not standalone
+            raise RuntimeError(f"strategy {strategy.name!r}: export() returned a model with adapters, not merged")
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / "flan_squad_export.json", {
             "run_dir": str(run_dir.resolve()), "strategy": strategy.name, "base": base.label,
+            "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
-            "merged": isinstance(strategy, LoRA),
         })
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)

@@ -1,11 +1,9 @@
-"""What one job of a sweep needs beyond `train()`: a status record, a clean slate, an automatic batch size.
+"""What one job of a sweep needs beyond `train()`: a status record and a clean slate.
 
 - `JobStatus` is a Hydra callback (`conf/hydra/default.yaml`): after every job, completed or failed, it
   writes `<run dir>/status.json`, so a failed job of a multirun leaves a machine-readable record that
   `flan_squad.report` shows as a failed row. Hydra's basic launcher catches a job's exception, runs the
   remaining jobs, and then re-raises the first failure: the sweep still ends with a non-zero exit.
-- `make_trainer` builds the Lightning Trainer and turns `trainer.auto_batch_size=true` into Lightning's
-  `BatchSizeFinder` callback.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.errors import ConfigError
 from flan_squad.files import write_json_atomic  # torch-free: the report imports this module
 
 log = logging.getLogger(__name__)
@@ -63,52 +60,3 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, callbacks: list | None = None,
-                 **trainer_kwargs: Any):
-    """A `lightning.Trainer` (the `_target_` of `conf/trainer/`), plus Lightning's batch size finder on request.
-
-    With `auto_batch_size=true`, `BatchSizeFinder` doubles `datamodule.batch_size` from 2 at the start of fit
-    (3 steps per trial) until memory runs out or the next size would reach `auto_batch_size_max`, which is
-    then kept untried (on CPU nothing runs out of memory, so the ceiling decides). Training goes on with the
-    size it keeps; `metrics.json` records it as `batch_size`, with `auto_batch_size: true`.
-    """
-    import lightning as L
-
-    precision = str(trainer_kwargs.get("precision"))
-    if precision.startswith("16"):
-        raise ConfigError(f"trainer.precision={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
-                          f"use bf16-mixed or 32-true")
-    callbacks = list(callbacks or [])
-    if auto_batch_size:
-        if auto_batch_size_max < 2:
-            raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
-                              f"(the finder starts at 2)")
-        callbacks.append(_training_batch_size_finder()(mode="power", init_val=2, max_val=auto_batch_size_max))
-    return L.Trainer(callbacks=callbacks, **trainer_kwargs)
-
-
-def _training_batch_size_finder() -> type:
-    from lightning.pytorch.callbacks import BatchSizeFinder
-
-    class TrainingBatchSizeFinder(BatchSizeFinder):
-        """Lightning's finder, for training only: `trainer.validate()` after fit would otherwise search again
-        (on `batch_size`, which validation does not use) and restore the trainer to its pre-search state."""
-
-        def on_validation_start(self, trainer, pl_module) -> None:
-            pass
-
-        def on_test_start(self, trainer, pl_module) -> None:
-            pass
-
-        def on_predict_start(self, trainer, pl_module) -> None:
-            pass
-
-    return TrainingBatchSizeFinder
-
-
-def uses_batch_size_finder(trainer) -> bool:
-    from lightning.pytorch.callbacks import BatchSizeFinder
-
-    return any(isinstance(c, BatchSizeFinder) for c in trainer.callbacks)

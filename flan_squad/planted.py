@@ -99,7 +99,5 @@ def planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> s
 if __name__ == "__main__":
     import os
 
-    from flan_squad.config import PROJECT_ROOT
-
-    shared = os.environ.get("FLAN_SQUAD_SHARED", str(PROJECT_ROOT.parent / "shared"))
+    shared = os.environ.get("FLAN_SQUAD_SHARED", str(Path(__file__).resolve().parents[2] / "shared"))
     print(build(sys.argv[1] if len(sys.argv) > 1 else "outputs/planted", shared))

@@ -1,6 +1,8 @@
-"""The report's PNG plots: F1 against cost, learning curves, and an lr x rank heat map of F1.
+"""The report's PNG plots: F1 against cost, learning curves, and heat maps of F1 over lr x capacity.
 
-One point (or line) per setting or run, coloured by strategy, so the three strategies read apart at a glance.
+One point (or line) per setting or run, coloured by strategy, so the strategies read apart at a glance.
+Capacity is what training recorded as the hyperparameter that sets how much trains (LoRA's rank, say:
+`Strategy.describe()`); each such hyperparameter swept with lr gets its own `heatmap_lr_<key>.png`.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 if TYPE_CHECKING:
     from flan_squad.report import Run, Setting
 
-COLOURS = {"full": "tab:blue", "lora": "tab:orange", "qlora": "tab:green"}
 
-
-def _colour(strategy: str) -> str:
-    return COLOURS.get(strategy, "tab:gray")
+def _colours(strategies: set[str]) -> dict[str, str]:
+    """Matplotlib's default colour cycle in the strategies' name order: the same colours for the same set."""
+    return {name: f"C{i % 10}" for i, name in enumerate(sorted(strategies))}
 
 
 def _title(base: str, runs: list[Run]) -> str:
@@ -34,16 +35,18 @@ def _title(base: str, runs: list[Run]) -> str:
 def write_plots(settings: list[Setting], out: Path) -> list[Path]:
     """Every plot the runs support; returns the files written."""
     done = [s for s in settings if s.status == "completed"]
+    colours = _colours({s.first.strategy for s in done})
     written = [
-        _scatter(done, "peak_memory_mb", "peak memory (MB)", out / "f1_vs_memory.png"),
-        _scatter(done, "train_time_s", "training time (s)", out / "f1_vs_time.png"),
+        _scatter(done, "peak_memory_mb", "peak memory (MB)", out / "f1_vs_memory.png", colours),
+        _scatter(done, "train_time_s", "training time (s)", out / "f1_vs_time.png", colours),
     ]
-    curves = _learning_curves([r for s in done for r in s.runs], out / "learning_curves.png")
-    heat = _heatmap(done, out / "heatmap_lr_rank.png")
-    return written + [p for p in (curves, heat) if p is not None]
+    curves = _learning_curves([r for s in done for r in s.runs], out / "learning_curves.png", colours)
+    capacities = sorted({s.first.capacity["key"] for s in done if s.first.capacity})
+    heat = [_heatmap(done, key, out / f"heatmap_lr_{key}.png") for key in capacities]
+    return written + [p for p in (curves, *heat) if p is not None]
 
 
-def _scatter(settings: list[Setting], key: str, label: str, path: Path) -> Path:
+def _scatter(settings: list[Setting], key: str, label: str, path: Path, colours: dict[str, str]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for strategy in sorted({s.first.strategy for s in settings}):
         points = [s for s in settings if s.first.strategy == strategy and s.mean(key) is not None
@@ -52,7 +55,7 @@ def _scatter(settings: list[Setting], key: str, label: str, path: Path) -> Path:
             continue
         ax.errorbar([s.mean(key) for s in points], [s.mean("f1") for s in points],
                     xerr=[s.std(key) or 0 for s in points], yerr=[s.std("f1") or 0 for s in points],
-                    fmt="o", markersize=9, capsize=3, color=_colour(strategy), label=strategy)
+                    fmt="o", markersize=9, capsize=3, color=colours[strategy], label=strategy)
         for s in points:
             text = s.first.approach
             if len({p.first.lr for p in points}) > 1 and isinstance(s.first.lr, float):
@@ -96,7 +99,7 @@ def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def _learning_curves(runs: list[Run], path: Path) -> Path | None:
+def _learning_curves(runs: list[Run], path: Path, colours: dict[str, str]) -> Path | None:
     curves = [(run, read_curve(run)) for run in runs]
     curves = [(run, points) for run, points in curves if points]
     if not curves:
@@ -107,7 +110,7 @@ def _learning_curves(runs: list[Run], path: Path) -> Path | None:
         steps, values = zip(*points)
         label = run.strategy if run.strategy not in labelled else None
         labelled.add(run.strategy)
-        ax.plot(steps, values, marker="o", color=_colour(run.strategy), label=label, alpha=0.8)
+        ax.plot(steps, values, marker="o", color=colours[run.strategy], label=label, alpha=0.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation F1")
     ax.set_title(_title("Learning curves", [run for run, _ in curves]), fontsize=10)
@@ -120,31 +123,33 @@ def _learning_curves(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-def _heatmap(settings: list[Setting], path: Path) -> Path | None:
-    """Mean F1 over an lr x rank grid, one panel per (dataset, strategy) that swept both (2+ values each)."""
+def _heatmap(settings: list[Setting], key: str, path: Path) -> Path | None:
+    """Mean F1 over an lr x `key` grid, one panel per (dataset, strategy) that swept both (2+ values each)."""
     panels = []
-    for key in sorted({(s.first.dataset, s.first.strategy) for s in settings}):
-        cells = [s for s in settings if (s.first.dataset, s.first.strategy) == key and s.first.rank is not None]
+    for dataset, strategy in sorted({(s.first.dataset, s.first.strategy) for s in settings}):
+        cells = [s for s in settings if (s.first.dataset, s.first.strategy) == (dataset, strategy)
+                 and (s.first.capacity or {}).get("key") == key]
         lrs = sorted({s.first.lr for s in cells})
-        ranks = sorted({s.first.rank for s in cells})
-        if len(lrs) >= 2 and len(ranks) >= 2:
-            panels.append((key, lrs, ranks, {(s.first.lr, s.first.rank): s.mean("f1") for s in cells}))
+        capacities = sorted({s.first.capacity["value"] for s in cells})
+        if len(lrs) >= 2 and len(capacities) >= 2:
+            f1 = {(s.first.lr, s.first.capacity["value"]): s.mean("f1") for s in cells}
+            panels.append(((dataset, strategy), cells[0].first.capacity["title"], lrs, capacities, f1))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 4), squeeze=False)
-    for ax, ((dataset, strategy), lrs, ranks, f1) in zip(axes[0], panels):
-        grid = [[f1.get((lr, rank), math.nan) for lr in lrs] for rank in ranks]
+    for ax, ((dataset, strategy), title, lrs, capacities, f1) in zip(axes[0], panels):
+        grid = [[f1.get((lr, capacity), math.nan) for lr in lrs] for capacity in capacities]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-        for i, rank in enumerate(ranks):
+        for i, capacity in enumerate(capacities):
             for j, lr in enumerate(lrs):
                 value = grid[i][j]
                 ax.text(j, i, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center",
                         color="white" if math.isnan(value) or value < (image.norm.vmax + image.norm.vmin) / 2
                         else "black")
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-        ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_yticks(range(len(capacities)), [str(c) for c in capacities])
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("LoRA rank")
+        ax.set_ylabel(title)
         ax.set_title(f"F1 · {strategy} · {dataset}", fontsize=10)
         fig.colorbar(image, ax=ax, label="F1")
     if any(r.get("init") == "random" for s in settings for r in s.runs):

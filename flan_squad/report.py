@@ -40,6 +40,7 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     choices: dict[str, str] = field(default_factory=dict)  # config group choices (hydra.runtime.choices)
     config: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the job's command-line overrides
     error: str = ""
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -50,16 +51,26 @@ class Run:
         return self.get("strategy") or self.choices.get("strategy") or "?"
 
     @property
-    def rank(self) -> int | None:
-        return (self.config.get("strategy") or {}).get("rank")
-
-    @property
     def lr(self) -> float | None:
         return self.get("lr", (self.config.get("strategy") or {}).get("lr"))
 
     @property
     def approach(self) -> str:
-        return f"{self.strategy} r={self.rank}" if self.rank is not None else self.strategy
+        """The strategy's label as training recorded it (`Strategy.describe()`, e.g. "lora r=16"). Failed runs,
+        and runs from before it was recorded: the strategy's name and its settings given on the command line
+        (lr aside: it has its own column), e.g. "lora rank=4"."""
+        recorded = self.get("approach")
+        if isinstance(recorded, dict) and recorded.get("label"):
+            return str(recorded["label"])
+        overrides = [o.lstrip("+") for o in self.overrides]
+        settings = [o.removeprefix("strategy.") for o in overrides if o.startswith("strategy.")]
+        return " ".join([self.strategy, *(s for s in settings if not s.startswith("lr="))])
+
+    @property
+    def capacity(self) -> dict[str, Any] | None:
+        """What training recorded as the hyperparameter that sets how much trains: {"key", "title", "value"}."""
+        recorded = self.get("approach")
+        return recorded.get("capacity") if isinstance(recorded, dict) else None
 
     @property
     def dataset(self) -> str:
@@ -99,6 +110,8 @@ def read_run(path: Path) -> Run:
             run.config = _load_yaml(path / name)
             break
     status = _load_json(path / STATUS_FILE) if (path / STATUS_FILE).exists() else {}
+    overrides = _load_yaml(path / ".hydra" / "overrides.yaml", list) or status.get("overrides") or []
+    run.overrides = [str(o) for o in overrides]
     if (path / "metrics.json").exists():
         try:
             run.metrics = _load_json(path / "metrics.json")
@@ -120,12 +133,12 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, kind: type = dict) -> Any:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # plain YAML: ${...} stays unresolved text
     except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return kind()
+    return data if isinstance(data, kind) else kind()
 
 
 # --- settings: runs that differ only in their seed ------------------------------------------------------
@@ -226,6 +239,8 @@ def _cell(setting: Setting, key: str, fmt: str, best: float | None) -> str:
 
 
 def _init_cell(run: Run) -> str:
+    if run.get("model_note"):
+        return str(run.get("model_note"))
     return "random init (scores meaningless)" if run.get("init") == "random" else str(run.get("init", "?"))
 
 
@@ -269,12 +284,14 @@ def csv_text(settings: list[Setting]) -> str:
     out = io.StringIO()
     keys = [key for key, _, _, _ in COLUMNS]
     writer = csv.writer(out)
-    writer.writerow(["dataset", "approach", "strategy", "rank", "lr", "n_runs", "seeds", "status", "error",
+    writer.writerow(["dataset", "approach", "strategy", "capacity", "capacity_value", "lr", "n_runs", "seeds",
+                     "status", "error",
                      *[k for key in keys for k in (key, f"{key}_std")], "model", "init", "runs"])
     for s in settings:
         run = s.first
         stats = [v if v is not None else "" for key in keys for v in (s.mean(key), s.std(key))]
-        writer.writerow([run.dataset, run.approach, run.strategy, run.rank if run.rank is not None else "",
+        capacity = run.capacity or {}
+        writer.writerow([run.dataset, run.approach, run.strategy, capacity.get("key", ""), capacity.get("value", ""),
                          run.lr if run.lr is not None else "", len(s.runs),
                          " ".join(str(r.get("seed", "")) for r in s.runs), s.status, run.error, *stats,
                          run.get("model", run.choices.get("model", "")), run.get("init", ""),

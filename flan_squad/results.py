@@ -130,15 +130,32 @@ class CostMonitor(L.Callback):
         }
 
 
+def weights_note(metrics: dict[str, Any]) -> str | None:
+    """What every result from these weights must say (random init, a self-trained base); None for real ones."""
+    if metrics.get("model_note"):
+        return str(metrics["model_note"])
+    if metrics.get("init") == "random":
+        return "random-init weights: these scores say nothing about FLAN-T5's accuracy"
+    return None
+
+
+def framed(lines: list[str], metrics: dict[str, Any]) -> str:
+    """End-of-run lines between rules, with the weights' note (if any) under the title."""
+    note = weights_note(metrics)
+    if note:
+        lines = [lines[0], f"  NOTE       {note}", *lines[1:]]
+    width = max(len(line) for line in lines)
+    return "\n".join(["=" * width, *lines, "=" * width])
+
+
 def summary(metrics: dict[str, Any], output_dir: Path) -> str:
     """The few lines printed at the end of a run."""
-    random_init = metrics["init"] == "random"
     scores = f"exact {metrics['exact']:.2f}  f1 {metrics['f1']:.2f}  on {metrics['total']} questions"
     if "HasAns_f1" in metrics:
         scores += f"  (HasAns f1 {metrics['HasAns_f1']:.2f}"
         scores += f", NoAns f1 {metrics['NoAns_f1']:.2f})" if "NoAns_f1" in metrics else ")"
     share = 100.0 * metrics["trainable_params"] / max(1, metrics["total_params"])
-    lines = [
+    return framed([
         f"flan-squad · {metrics['strategy']} · {metrics['model']} ({metrics['init']} init) · {metrics['dataset']}",
         f"  scores     {scores}",
         f"  training   {metrics['train_time_s']:.1f} s, {metrics['train_examples_per_s']:.2f} examples/s, "
@@ -147,8 +164,4 @@ def summary(metrics: dict[str, Any], output_dir: Path) -> str:
         f"  parameters {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} ({share:.2f}%)"
         + (f"; {metrics['params_4bit']:,} stored in 4-bit" if metrics.get("params_4bit") else ""),
         f"  artefacts  {output_dir}",
-    ]
-    if random_init:
-        lines.insert(1, "  NOTE       random-init weights: these scores say nothing about FLAN-T5's accuracy")
-    width = max(len(line) for line in lines)
-    return "\n".join(["=" * width, *lines, "=" * width])
+    ], metrics)

@@ -16,8 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flan_squad.base import BaseModel
 from flan_squad.errors import FlanSquadError
-from flan_squad.model import BaseModel
+from flan_squad.strategies import Strategy
 
 
 class RunError(FlanSquadError, ValueError):
@@ -27,7 +28,7 @@ class RunError(FlanSquadError, ValueError):
 @dataclass
 class Restored:
     base: BaseModel
-    strategy: Any
+    strategy: Strategy
     model: nn.Module
     tokenizer: Any
     version: str  # the SQuAD version (prompt) the run was trained on

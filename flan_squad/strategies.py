@@ -1,26 +1,81 @@
-"""Training strategies: how a base model becomes the model that trains, and how its result is saved.
+"""Training strategies: how a base model becomes the model that trains, and what becomes of its result.
 
-Each strategy has one job: `build` a trainable model from a `BaseModel` on a device, `save` what it
-trained (the full model, or an adapter) with the tokenizer, and `load` that back. Adding a strategy
-means one class here and one YAML file in `conf/strategy/`.
+`Strategy` is all the rest of the project knows of a strategy: training builds and saves the model through
+it, evaluate and predict load the result, export turns it into a plain Hugging Face model, and reports show
+what `describe()` said (training records it in metrics.json). No other module knows a strategy's name or
+fields, so adding a strategy means one class here and one YAML file in `conf/strategy/` (its `_target_`).
+
+- `FullFineTuning`: every parameter trains; the whole model is saved.
+- `Adapters` (PEFT) on a frozen base, the only part that trains and is saved; an export merges them into
+  a full-precision base: `LoRA`, `QLoRA` (LoRA on a 4-bit base) and `IA3`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
+from flan_squad.base import BaseModel
 from flan_squad.config import bf16_is_native
 from flan_squad.errors import ConfigError
-from flan_squad.model import BaseModel
 
 log = logging.getLogger(__name__)
 
 _NON_REENTRANT = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad
+_CPU = torch.device("cpu")
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """How a run trains: built from `conf/strategy/<name>.yaml`."""
+
+    name: str  # the conf/strategy option; metrics.json["strategy"]
+    lr: float  # the learning rate it trains with
+
+    def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
+        """The base model as this strategy trains on it (e.g. in 4-bit), untrained: evaluation's baseline."""
+
+    def build(self, base: BaseModel, device: torch.device) -> nn.Module:
+        """The model that trains, on `device`: its trainable parameters are the ones with requires_grad."""
+
+    def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
+        """What training produced (the whole model, or only what trained) and the tokenizer, into `directory`."""
+
+    def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
+        """What `save` wrote, on `device`, computing exactly what the trained model computed."""
+
+    def export(self, directory: str | Path, base: BaseModel) -> nn.Module:
+        """What `save` wrote as one plain transformers model on CPU in full precision (adapters merged), for
+        `save_pretrained`: it loads without PEFT or this project."""
+
+    def describe(self) -> dict[str, Any]:
+        """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
+        row's approach, e.g. "lora r=16") and `capacity`, the hyperparameter besides lr that sets how much
+        trains, as {"key": its name in the config, "title": an axis label, "value"}, or None. Reports draw an
+        lr x capacity heat map for sweeps over both."""
+
+
+def _check_lr(lr: float) -> float:
+    if not lr > 0:
+        raise ConfigError(f"strategy.lr={lr}: must be > 0")
+    return lr
+
+
+def _full_precision(base: BaseModel, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    model = base.load().to(device)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+        model.config.use_cache = False  # the cache is useless while training and warns under checkpointing
+    return model
+
+
+def _save(model: nn.Module, tokenizer, directory: str | Path) -> None:
+    model.save_pretrained(directory)  # a PEFT model writes its adapters only
+    tokenizer.save_pretrained(directory)
 
 
 class FullFineTuning:
@@ -29,35 +84,69 @@ class FullFineTuning:
     name = "full"
 
     def __init__(self, lr: float = 5e-5, gradient_checkpointing: bool = False):
-        if not lr > 0:
-            raise ConfigError(f"strategy.lr={lr}: must be > 0")
-        self.lr, self.gradient_checkpointing = lr, gradient_checkpointing
+        self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
-        model = base.load().to(device)
-        self._enable_checkpointing(model)
-        return model
+        return _full_precision(base, device, self.gradient_checkpointing)
 
     def build(self, base: BaseModel, device: torch.device) -> nn.Module:
         return self.load_base(base, device)
 
-    def _enable_checkpointing(self, model: nn.Module) -> None:
-        if self.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
-            model.config.use_cache = False  # the cache is useless while training and warns under checkpointing
-
     def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        _save(model, tokenizer, directory)
 
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM.from_pretrained(directory).to(device)
 
+    def export(self, directory: str | Path, base: BaseModel) -> nn.Module:
+        return self.load(directory, base, _CPU)
 
-class LoRA(FullFineTuning):
-    """PEFT LoRA adapters on a frozen base; only the adapters are saved."""
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.name, "capacity": None}
+
+
+class Adapters:
+    """PEFT adapters on a frozen base: only they train and are saved. A subclass says which (`peft_config`)."""
+
+    name: str
+
+    def __init__(self, lr: float, gradient_checkpointing: bool):
+        self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
+
+    def peft_config(self):
+        raise NotImplementedError
+
+    def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
+        return _full_precision(base, device, self.gradient_checkpointing)
+
+    def build(self, base: BaseModel, device: torch.device) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(self.load_base(base, device), self.peft_config())
+
+    def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
+        _save(model, tokenizer, directory)
+
+    def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.load_base(base, device), directory)
+
+    def export(self, directory: str | Path, base: BaseModel) -> nn.Module:
+        from peft import PeftModel
+
+        # Into a full-precision reload of the base, whatever `load_base` trained on: merging into 4-bit
+        # weights would round the update away.
+        return PeftModel.from_pretrained(base.load(), directory).merge_and_unload()
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.name, "capacity": None}
+
+
+class LoRA(Adapters):
+    """Low-rank adapters (W + BA, B: d x rank) on the attention projections, or on every linear layer."""
 
     name = "lora"
 
@@ -74,21 +163,15 @@ class LoRA(FullFineTuning):
         # "all-linear" is PEFT's own shorthand: every linear layer except the output head.
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
 
-    def lora_config(self):
+    def peft_config(self):
         from peft import LoraConfig, TaskType
 
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self.target_modules, task_type=TaskType.SEQ_2_SEQ_LM)
 
-    def build(self, base: BaseModel, device: torch.device) -> nn.Module:
-        from peft import get_peft_model
-
-        return get_peft_model(self.load_base(base, device), self.lora_config())
-
-    def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(self.load_base(base, device), directory)
+    def describe(self) -> dict[str, Any]:
+        return {"label": f"{self.name} r={self.rank}",
+                "capacity": {"key": "rank", "title": "LoRA rank", "value": self.rank}}
 
 
 class QLoRA(LoRA):
@@ -143,3 +226,24 @@ class QLoRA(LoRA):
             model, use_gradient_checkpointing=self.gradient_checkpointing,
             gradient_checkpointing_kwargs=_NON_REENTRANT,
         )
+
+
+class IA3(Adapters):
+    """(IA)^3: learned vectors that rescale attention keys and values and the feed-forward input, one number per
+    channel (T-Few, Liu et al. 2022): far fewer trainable parameters than LoRA, and no rank to choose."""
+
+    name = "ia3"
+
+    def __init__(self, lr: float = 3e-3, target_modules: Sequence[str] = ("k", "v", "wo"),
+                 feedforward_modules: Sequence[str] = ("wo",), gradient_checkpointing: bool = False):
+        super().__init__(lr, gradient_checkpointing)
+        if not set(feedforward_modules) <= set(target_modules):
+            raise ConfigError(f"strategy.feedforward_modules={list(feedforward_modules)}: must be among "
+                              f"strategy.target_modules={list(target_modules)}")
+        self.target_modules, self.feedforward_modules = list(target_modules), list(feedforward_modules)
+
+    def peft_config(self):
+        from peft import IA3Config, TaskType
+
+        return IA3Config(target_modules=self.target_modules, feedforward_modules=self.feedforward_modules,
+                         task_type=TaskType.SEQ_2_SEQ_LM)

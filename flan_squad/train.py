@@ -24,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.jobs import uses_batch_size_finder  # noqa: E402
-from flan_squad.model import SquadQAModule  # noqa: E402
 from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
+from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -47,10 +46,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     base = instantiate(cfg.model, _convert_="all")
     base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
     tokenizer = base.load_tokenizer()
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, eval_stride=cfg.eval.stride)
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer)
     strategy = instantiate(cfg.strategy, _convert_="all")
-    module = SquadQAModule(base, strategy, tokenizer, datamodule.version, cfg.eval.max_new_tokens,
-                           cfg.optim.weight_decay, cfg.optim.warmup_ratio, cfg.eval.snap_to_context)
+    module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
     cost = CostMonitor()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [cost]
     loggers = _instantiate_group(cfg.get("logger"))
@@ -66,8 +64,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **module.scores,
         **module.answer_stats,
         "strategy": strategy.name,
+        "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
         "model": base.name,
         "init": base.init,
+        "model_note": base.note,
         "dataset": datamodule.name,
         "squad_version": datamodule.version,
         **module.parameter_counts(),

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from flan_squad.config import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from flan_squad.model import BaseModel  # noqa: E402
+from flan_squad.base import BaseModel  # noqa: E402
 
 SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
 SQUAD = SHARED / "data" / "squad"

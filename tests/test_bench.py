@@ -10,9 +10,9 @@ from benchmarks import bench
 from benchmarks.evaluation import eval_config, eval_run
 from benchmarks.flops import forward_flops
 from benchmarks.runs import Spec
+from flan_squad.base import BaseModel
 from flan_squad.config import bf16_is_native
 from flan_squad.evaluate import evaluate
-from flan_squad.model import BaseModel
 from conftest import SHARED
 
 

@@ -1,22 +1,40 @@
-"""Every config group option composes and instantiates; sweeps' override keys exist."""
+"""Every config group option composes and instantiates, as the README documents it; sweeps' override keys exist."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from conftest import compose_config
-from flan_squad.config import CONFIG_DIR, auto_precision
-
-GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in
-          ["model", "strategy", "dataset", "trainer", "logger", "callbacks", "experiment"]}
+from flan_squad.config import CONFIG_DIR, PROJECT_ROOT, auto_precision
+from flan_squad.strategies import Strategy
 
 
-def test_groups_have_the_documented_options():
-    assert GROUPS["model"] == ["flan_t5_base", "flan_t5_large", "flan_t5_small", "t5_tiny"]
-    assert GROUPS["strategy"] == ["full", "lora", "qlora"]
-    assert GROUPS["dataset"] == ["planted_v1", "planted_v2", "squad_v1", "squad_v2"]
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+GROUPS = {g: _options(g) for g in ["model", "strategy", "dataset", "trainer", "logger", "callbacks", "experiment"]}
+
+
+def _documented_options(group: str) -> list[str]:
+    """The options README's "Config groups" table lists for `group` (the names in backticks of its 2nd column)."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    row = next((line for line in readme.splitlines() if line.startswith(f"| `{group}` |")), None)
+    assert row is not None, f"README's config groups table has no row for {group}"
+    return sorted(re.findall(r"`([^`]+)`", row.split(" | ")[1]))
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()))
+def test_groups_have_the_documented_options(group):
+    assert _options(group) == _documented_options(group)
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options])
@@ -25,7 +43,9 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     if group in ("model", "strategy"):
         instance = instantiate(cfg[group], _convert_="all")
         if group == "strategy":
-            assert instance.name == option and instance.lr > 0
+            assert isinstance(instance, Strategy) and instance.name == option and instance.lr > 0
+            description = instance.describe()  # what metrics.json records for the report
+            assert description["label"] and json.loads(json.dumps(description)) == description
         else:
             assert instance.init in ("pretrained", "random")
     elif group == "dataset":
@@ -36,8 +56,23 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs
-    elif group in ("logger", "callbacks"):
-        assert all(instantiate(c) is not None for c in (cfg[group] or {}).values())
+    elif group == "logger":  # each writes into its own folder of the run dir
+        loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+        expected = {"tensorboard": [(TensorBoardLogger, "tensorboard")], "csv": [(CSVLogger, "csv")], "none": []}
+        assert [(type(x), Path(x.log_dir)) for x in loggers] == [(kind, tmp_path / d) for kind, d in expected[option]]
+    elif group == "callbacks":
+        callbacks = {name: instantiate(c) for name, c in (cfg.callbacks or {}).items()}
+        if option == "none":
+            assert callbacks == {}
+        else:  # the best-F1 checkpoint, a rolling last.ckpt for resume=true, a progress bar, the lr per step
+            best, last = callbacks["model_checkpoint"], callbacks["last_checkpoint"]
+            assert isinstance(best, ModelCheckpoint) and isinstance(last, ModelCheckpoint)
+            assert Path(best.dirpath) == Path(last.dirpath) == tmp_path / "checkpoints"
+            assert (best.monitor, best.mode, best.save_top_k, best.save_last) == ("val/f1", "max", 1, False)
+            assert last.save_top_k == 0 and last.save_last and last._every_n_train_steps == 200
+            assert isinstance(callbacks["progress_bar"], TQDMProgressBar)
+            assert isinstance(callbacks["lr_monitor"], LearningRateMonitor)
+            assert callbacks["lr_monitor"].logging_interval == "step"
 
 
 def test_defaults_follow_the_reference_setup(tmp_path):
@@ -54,7 +89,19 @@ def test_squad_v2_reads_the_shared_files(tmp_path):
     assert cfg.dataset.validation_file.endswith("v2.0/dev-v2.0.reconstructed.json")
 
 
-def test_sweep_keys_exist_for_lora_strategies(tmp_path):
-    for strategy in ("lora", "qlora"):
-        cfg = compose_config([f"strategy={strategy}", "strategy.lr=3e-4", "strategy.rank=4"], output_dir=tmp_path)
-        assert instantiate(cfg.strategy).rank == 4 and instantiate(cfg.strategy).lr == 3e-4
+@pytest.mark.parametrize("strategy", GROUPS["strategy"])
+def test_sweep_keys_exist_for_lr_and_capacity(strategy, tmp_path):
+    # hparams_search sweeps strategy.lr and, for a strategy that has one, its capacity (e.g. strategy.rank)
+    default = instantiate(compose_config([f"strategy={strategy}"], output_dir=tmp_path).strategy)
+    capacity = default.describe()["capacity"]
+    overrides = [f"strategy={strategy}", "strategy.lr=3e-4"] + ([f"strategy.{capacity['key']}=4"] if capacity else [])
+    swept = instantiate(compose_config(overrides, output_dir=tmp_path).strategy)
+    assert swept.lr == 3e-4 and (not capacity or swept.describe()["capacity"]["value"] == 4)
+
+
+@pytest.mark.parametrize("size", ["flan_t5_small", "flan_t5_base", "flan_t5_large"])
+def test_random_init_of_any_flan_t5_size_needs_no_hub(size, tmp_path):
+    # every FLAN-T5 size shares one tokenizer: init=random takes the one in the shared folder
+    base = instantiate(compose_config([f"model={size}", "model.init=random"], output_dir=tmp_path).model)
+    assert base.load_tokenizer().vocab_size == 32000
+    assert instantiate(compose_config([f"model={size}"], output_dir=tmp_path).model).tokenizer is None  # the hub's

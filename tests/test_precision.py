@@ -9,7 +9,7 @@ import torch
 from conftest import compose_config
 from flan_squad.config import auto_precision
 from flan_squad.errors import ConfigError
-from flan_squad.jobs import make_trainer
+from flan_squad.trainer import make_trainer
 from flan_squad.model import SquadQAModule
 from flan_squad.strategies import QLoRA
 from flan_squad.train import train

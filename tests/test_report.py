@@ -12,14 +12,17 @@ import yaml
 from matplotlib.image import imread
 
 from flan_squad.report import build_report, find_run_dirs, group, main, read_run
+from flan_squad.strategies import FullFineTuning, LoRA, QLoRA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STRATEGIES = {"full": FullFineTuning, "lora": LoRA, "qlora": QLoRA}
 
 
 def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = "squad_v1", seed: int = 42,
              lr: float = 1e-3, rank: int | None = 16, memory: float = 800.0, seconds: float = 60.0,
-             curve: list[tuple[int, float]] | None = None) -> Path:
-    """A run dir as flan_squad.train leaves it: metrics.json, config.yaml, .hydra/, TensorBoard events."""
+             curve: list[tuple[int, float]] | None = None, recorded: bool = True) -> Path:
+    """A run dir as flan_squad.train leaves it: metrics.json, config.yaml, .hydra/, TensorBoard events.
+    recorded=False: as training left it before metrics.json recorded the strategy's `approach`."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     trainable = 10_000_000 if strategy == "full" else 2 * 16 * rank * 100
@@ -29,6 +32,8 @@ def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = 
                "train_examples_per_s": 480 / seconds, "peak_memory_mb": memory, "peak_memory_kind": "rss",
                "train_examples": 240, "val_examples": 100, "epochs": 2, "batch_size": 16, "lr": lr, "seed": seed,
                "precision": "32-true", "device": "cpu"}
+    if recorded:
+        metrics["approach"] = STRATEGIES[strategy](lr=lr, **({} if rank is None else {"rank": rank})).describe()
     if dataset == "squad_v2":
         metrics.update(HasAns_f1=f1 / 3, NoAns_f1=f1 * 1.5, HasAns_exact=0.0, NoAns_exact=f1)
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -36,7 +41,9 @@ def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = 
     (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "strategy": strategy_cfg}))
     choices = {"strategy": strategy, "dataset": dataset, "model": "t5_tiny"}
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
-    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"seed={seed}"]))
+    overrides = [f"strategy={strategy}", f"seed={seed}", f"strategy.lr={lr}"]
+    overrides += [] if rank is None else [f"strategy.rank={rank}"]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if curve:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -53,7 +60,7 @@ def make_failed(root: Path, name: str, strategy: str, error: str, rank: int = 0)
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"strategy": {"lr": "${oc.env:LR}", "rank": rank}}))
     choices = {"strategy": strategy, "dataset": "squad_v1", "model": "t5_tiny"}
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
-    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}"]))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"strategy.rank={rank}"]))
     (run / "status.json").write_text(json.dumps({"status": "failed", "error": error, "overrides": []}))
     return run
 
@@ -87,7 +94,8 @@ def test_failed_job_and_mixed_datasets(tmp_path, capsys):
     assert printed.out.startswith(table)  # the table goes to the terminal too
     assert "failed: ValueError: strategy.rank=0: must be > 0" in table and "failed" in printed.err
     lines = [line for line in table.splitlines() if line.startswith("| squad")]
-    assert [line.split(" | ")[1] for line in lines] == ["full", "lora r=16", "qlora r=16", "qlora r=0"]
+    # a failed run recorded no approach: its strategy and the settings it was given label it
+    assert [line.split(" | ")[1] for line in lines] == ["full", "lora r=16", "qlora r=16", "qlora rank=0"]
     assert lines[-1].split(" | ")[0] == "| squad_v1" and "failed" in lines[-1]  # failed rows last
     header = next(line for line in table.splitlines() if line.startswith("| dataset"))
     assert "HasAns F1" in header and "NoAns F1" in header  # v2 columns appear when a v2 run is there
@@ -156,6 +164,16 @@ def test_empty_missing_and_partial_inputs_give_messages(tmp_path, capsys):
     assert "no completed run to compare" in err and "incomplete" in err and "unreadable" in err
     table = (tmp_path / "bad" / "report" / "results.md").read_text()
     assert "failed: RuntimeError: boom" in table and "incomplete: no metrics.json" in table
+
+
+def test_runs_from_before_the_approach_was_recorded(tmp_path):
+    # No `approach` in metrics.json: labelled by strategy and command-line settings, so a sweep's rows stay apart.
+    for rank, f1 in ((4, 2.0), (16, 3.0)):
+        make_run(tmp_path, f"lora_{rank}", "lora", f1, rank=rank, recorded=False)
+    make_run(tmp_path, "full", "full", 1.0, rank=None, recorded=False)
+    _, settings, plots = build_report([str(tmp_path)])
+    assert [s.first.approach for s in settings] == ["lora rank=16", "lora rank=4", "full"]
+    assert not any(p.name.startswith("heatmap") for p in plots)  # no recorded capacity to put on an axis
 
 
 def test_globs_and_several_run_dirs(tmp_path):

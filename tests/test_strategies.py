@@ -8,14 +8,15 @@ import torch
 
 from flan_squad.data import collate, encode
 from flan_squad.inference import answer_windows
-from flan_squad.model import BaseModel, count_parameters
+from flan_squad.base import BaseModel, count_parameters
 from flan_squad.squad import Question
-from flan_squad.strategies import LoRA, FullFineTuning, QLoRA
+from flan_squad.strategies import IA3, LoRA, FullFineTuning, QLoRA
 
 STRATEGIES = {
     "full": lambda: FullFineTuning(lr=1e-3),
     "lora": lambda: LoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
     "qlora": lambda: QLoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
+    "ia3": lambda: IA3(lr=1e-1),  # a vector per layer, starting at 1: it needs larger steps to move
 }
 
 
@@ -114,6 +115,17 @@ def test_adapters_alone_train(name, tiny_base, cpu):
     assert count_parameters(model)["trainable_params"] == _lora_params_expected(tiny_base, rank=4)
 
 
+def test_ia3_scales_keys_values_and_feed_forward_inputs(tiny_base, cpu):
+    model = STRATEGIES["ia3"]().build(tiny_base, cpu)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[-3] for n in trainable} == {"k", "v", "wo"}  # ...SelfAttention.k.ia3_l.default
+    config = tiny_base.config()
+    inner = config.num_heads * config.d_kv
+    attention_blocks = config.num_layers + 2 * config.num_decoder_layers
+    ff_blocks = config.num_layers + config.num_decoder_layers
+    assert count_parameters(model)["trainable_params"] == attention_blocks * 2 * inner + ff_blocks * config.d_ff
+
+
 def test_all_linear_adapts_every_linear_layer(tiny_base, cpu):
     model = LoRA(rank=4, target_modules="all-linear").build(tiny_base, cpu)
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
@@ -185,14 +197,14 @@ def test_random_init_is_seeded(tiny_base, tmp_path):
 
 
 def test_pretrained_hub_id_offline_says_how_to_use_local_files():
-    from flan_squad.model import ModelLoadError
+    from flan_squad.base import ModelLoadError
     base = BaseModel(name="flan-t5-base", name_or_path="google/flan-t5-base-not-cached")
     with pytest.raises(ModelLoadError, match="model.init=random"):
         base.load()
 
 
 def test_missing_local_tokenizer_dir_names_it_and_the_shared_folder(tmp_path):
-    from flan_squad.model import ModelLoadError
+    from flan_squad.base import ModelLoadError
     missing = tmp_path / "shared" / "models" / "flan-t5-small-tokenizer"
     base = BaseModel(name="t5-tiny", name_or_path="x", init="random", tokenizer=str(missing))
     with pytest.raises(ModelLoadError, match=f"tokenizer directory {missing} does not exist.*FLAN_SQUAD_SHARED"):

@@ -8,9 +8,11 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 
 from conftest import SHARED, compose_config
 from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
@@ -31,15 +33,20 @@ def compose_with_hydra(overrides: list[str]):
 @pytest.mark.parametrize("preset", ["compare", "compare_cpu"])
 def test_compare_presets_are_multiruns_over_the_three_strategies(preset):
     cfg = compose_with_hydra([f"experiment={preset}"])
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" or cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.mode == RunMode.MULTIRUN
     assert cfg.hydra.sweeper.params == {"strategy": "full,lora,qlora"}
-    assert cfg.dataset.name == "squad_v1" and cfg.seed == 42
+    assert cfg.seed == 42
     if preset == "compare":  # the reference setup
         assert cfg.model.name_or_path == "google/flan-t5-base" and cfg.model.init == "pretrained"
-        assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 3 and cfg.dataset.limit_train is None
-        assert cfg.trainer.accelerator == "gpu"
-    else:
-        assert cfg.model.init == "random" and cfg.trainer.accelerator == "cpu" and cfg.dataset.limit_train
+        assert cfg.dataset.name == "squad_v1" and cfg.dataset.limit_train is None
+        assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 3 and cfg.trainer.accelerator == "gpu"
+    else:  # the self-trained base (experiment=base_cpu builds it), on the v2-style planted task
+        assert cfg.model.name_or_path.endswith("outputs/bases/t5-mini-planted/model") and cfg.model.init == "pretrained"
+        assert "not FLAN-T5" in cfg.model.note and cfg.dataset.name == "planted_v2"
+        assert cfg.trainer.accelerator == "cpu" and cfg.dataset.limit_train
+        base = compose_with_hydra(["experiment=base_cpu"])
+        assert base.hydra.run.dir == str(Path(cfg.model.name_or_path).parent)  # the base run saves it there
+        assert base.model.init == "random" and base.model.architecture == cfg.model.architecture
     for strategy in ("full", "lora", "qlora"):  # each job keeps its strategy's own learning rate
         job = compose_with_hydra([f"experiment={preset}", f"strategy={strategy}"])
         assert job.strategy.lr == compose_with_hydra([f"strategy={strategy}"]).strategy.lr
@@ -91,7 +98,9 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     assert [s.status for s in settings].count("failed") == 2 and len(settings) == 6
     assert {p.name for p in plots} == {"f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png",
                                        "heatmap_lr_rank.png"}
-    assert (out / "results.md").read_text().count("| squad_v2 | lora r=") == 6
+    table = (out / "results.md").read_text()
+    assert table.count("| squad_v2 | lora r=") == 4  # as training recorded it: Strategy.describe()
+    assert table.count("| squad_v2 | lora rank=0 |") == 2  # failed before that: the strategy's overrides
 
 
 def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path):

@@ -20,8 +20,8 @@ from conftest import DEV_V1, DEV_V2, SHARED, compose_config
 from flan_squad.config import PROJECT_ROOT
 from flan_squad.data import SquadDataModule
 from flan_squad.errors import ConfigError
+from flan_squad.base import BaseModel
 from flan_squad.metrics import score
-from flan_squad.model import BaseModel
 from flan_squad.predict import predict
 from flan_squad.squad import DataError, Question, read_squad_file
 from flan_squad.strategies import QLoRA

@@ -1,0 +1,169 @@
+"""The base model: which weights a run starts from (pretrained FLAN-T5, or its architecture with random weights).
+
+`BaseModel` comes first in the layers: a strategy (`flan_squad.strategies`) turns it into the model that
+trains, and the LightningModule (`flan_squad.model`) trains that. Nothing here imports either.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flan_squad.errors import ConfigError, FlanSquadError
+from flan_squad.files import write_dir_atomic
+
+log = logging.getLogger(__name__)
+
+# What every FLAN-T5 size shares (from the published configs); sizes add d_model, layers, heads, d_ff.
+FLAN_T5_ARCHITECTURE = dict(
+    vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+    layer_norm_epsilon=1e-6, initializer_factor=1.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    tie_word_embeddings=False,
+)
+
+
+class ModelLoadError(FlanSquadError, OSError):
+    """A model or tokenizer that cannot be loaded; the message says how to point at local files."""
+
+
+def _hub_hint(what: str, name: str, error: Exception) -> ModelLoadError:
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        # A local path that is missing (transformers would call it a malformed hub id): the shared data folder
+        # is not where paths.shared_dir looks, or a base trained here has not been built yet.
+        return ModelLoadError(
+            f"the {what} directory {name} does not exist. Offline runs read the FLAN-T5 tokenizer and SQuAD "
+            f"files from paths.shared_dir (../shared beside the checkout): put that folder there, or set "
+            f"FLAN_SQUAD_SHARED=/path/to/shared. A base trained here is built first: model=t5_mini_planted by "
+            f"`make base-cpu` (python -m flan_squad.train experiment=base_cpu)."
+        )
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"could not load the {what} {name!r}: {first_line}\n"
+        f"Without Hugging Face hub access, use a local directory (model.name_or_path=/path/to/flan-t5 "
+        f"or model.tokenizer=/path/to/tokenizer), or model.init=random to build the architecture with "
+        f"random weights (the tokenizer is still needed: model.tokenizer=../shared/models/flan-t5-small-tokenizer)."
+    )
+
+
+@dataclass
+class BaseModel:
+    """Which weights a run starts from.
+
+    init=pretrained loads `name_or_path` (a hub id or a local dir). init=random builds the same
+    architecture (`architecture`, on top of the FLAN-T5 defaults) with random weights, seeded by
+    `init_seed`, and saves it once under `cache_dir`, so that every strategy, reload and export starts
+    from the very same weights through the same `from_pretrained` path as a real checkpoint.
+    """
+
+    name: str
+    name_or_path: str
+    init: str = "pretrained"
+    tokenizer: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    cache_dir: str = "outputs/.cache"
+    note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
+    random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. the FLAN-T5 one (all sizes share it)
+
+    def __post_init__(self):
+        if self.init not in ("pretrained", "random"):
+            raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ConfigError(f"model {self.name!r} has no pretrained weights (model.name_or_path is empty): "
+                              f"use model.init=random or set model.name_or_path")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.note or ('random init' if self.init == 'random' else 'pretrained')})"
+
+    def checkpoint(self) -> str:
+        """A path or hub id that `from_pretrained` can load."""
+        return self.name_or_path if self.init == "pretrained" else str(self._random_checkpoint())
+
+    def load(self, **from_pretrained_kwargs) -> nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        try:
+            return AutoModelForSeq2SeqLM.from_pretrained(self.checkpoint(), **from_pretrained_kwargs)
+        except OSError as e:
+            raise _hub_hint("model", self.checkpoint(), e) from None
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        name = self.tokenizer or (self.random_init_tokenizer if self.init == "random" else None) or self.name_or_path
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise _hub_hint("tokenizer", name, e) from None
+
+    def config(self):
+        from transformers import T5Config
+
+        return T5Config(**{**FLAN_T5_ARCHITECTURE, **self.architecture})
+
+    def _random_checkpoint(self) -> Path:
+        from transformers import T5ForConditionalGeneration
+
+        spec = json.dumps({**FLAN_T5_ARCHITECTURE, **self.architecture, "seed": self.init_seed,
+                           "torch": torch.__version__, "lm_head_std": "d_model**-0.5"}, sort_keys=True)
+        directory = Path(self.cache_dir) / "random_init" / f"{self.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # One builder at a time (DDP ranks, parallel sweep jobs): the others wait, then load what it wrote.
+        with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (directory / "config.json").exists():
+                log.info("Building %s with random weights (seed %d) into %s", self.name, self.init_seed, directory)
+                with _fork_rng(self.init_seed):
+                    model = T5ForConditionalGeneration(self.config())
+                    # transformers ties lm_head to the embedding when building from a config, whatever the
+                    # config says; FLAN-T5 has its own lm_head. T5 initialises an untied one with std 1, which
+                    # gives logits of std ~sqrt(d_model) (initial loss ~40 where uniform is ln(32128) = 10.4)
+                    # and wastes hundreds of steps; std d_model**-0.5 starts near uniform, as a tied T5 does.
+                    std = model.config.initializer_factor * model.config.d_model ** -0.5
+                    model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
+                    model.config.tie_word_embeddings = False  # saved as the published FLAN-T5 configs say
+
+                def save(staging: Path) -> None:
+                    model.save_pretrained(staging)
+                    if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
+                        raise RuntimeError(f"building {directory} inside a distributed process group wrote nothing: "
+                                           f"call BaseModel.checkpoint() before the process group starts")
+
+                write_dir_atomic(directory, save)  # a crash mid-save leaves no half-written checkpoint behind
+        return directory
+
+
+class _fork_rng:
+    """Seed torch for a block without disturbing the caller's random state."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, counting a 4-bit weight by its logical (unpacked) size."""
+    trainable = total = in_4bit = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
+        total += n
+        in_4bit += n if quant_state is not None else 0
+        trainable += n if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total, "params_4bit": in_4bit}
