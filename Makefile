@@ -31,7 +31,8 @@ train: shared install
 	$(PY) -m flan_squad.train experiment=smoke $(ARGS)
 
 # Training/evaluation throughput, peak memory and MFU against the Seq2SeqTrainer pipeline (random-init
-# weights): prints a table, writes benchmarks/results/latest.json. ARGS="--quick" for a first look.
+# weights, plus a model trained here that stops early): prints one table per precision (fp32, bf16), writes
+# benchmarks/results/latest.json. ARGS="--quick" for a first look.
 bench: shared install
 	$(PY) -m benchmarks.bench $(ARGS)
 

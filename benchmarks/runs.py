@@ -1,4 +1,4 @@
-"""The measured runs: one training run or one evaluation comparison, described by a `Spec`.
+"""The measured training runs, each described by a `Spec` (the evaluation comparison: `evaluation.py`).
 
 `bench.py` runs each training configuration in its own process (peak RSS never goes down within one)
 through `python -m benchmarks.runs SPEC_JSON OUT_JSON`, or in-process for a quick look and the tests.
@@ -13,7 +13,8 @@ Pipelines:
   schedule, clipping and steps.
 - `hf_pad`: the same Trainer with every input padded to `max_source_length` and every target to
   `max_target_length`, as the reference notebooks tokenise (`padding="max_length"`).
-Both pipelines train on the very same encoded examples (`SquadDataModule`'s encoding), each once per epoch.
+Both pipelines train on the very same encoded examples (`SquadDataModule`'s encoding), each once per epoch,
+in the same precision (`Spec.precision`): fp32, or Lightning's `bf16-mixed` against the Trainer's `bf16=True`.
 """
 
 from __future__ import annotations
@@ -38,18 +39,18 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.config import CONFIG_DIR  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.inference import generate_answers  # noqa: E402
 from flan_squad.results import PeakMemory  # noqa: E402
-from flan_squad.squad import answer_to_prediction  # noqa: E402
 
 from benchmarks.flops import train_flops  # noqa: E402
 
 PIPELINES = ("project", "hf", "hf_pad")
+# The bench's precisions as Lightning's `trainer.precision` and as the Trainer's `bf16` flag (both autocast in bf16).
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
+HF_BF16 = {"fp32": False, "bf16": True}
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Spec:
     device: str = "cpu"
     dataset: str = "squad_v1"
     shared_dir: str | None = None  # None: the config's default (../shared or FLAN_SQUAD_SHARED)
+    precision: str = "fp32"  # fp32 | bf16, both pipelines alike
 
 
 def compose_config(spec: Spec, output_dir: str):
@@ -77,7 +79,8 @@ def compose_config(spec: Spec, output_dir: str):
         f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
         f"dataset.max_source_length={spec.max_source_length}",
         f"dataset.limit_train={spec.steps * spec.batch_size}", f"dataset.limit_val={spec.eval_questions}",
-        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none",
+        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}", f"trainer.precision={LIGHTNING_PRECISION[spec.precision]}",
+        "logger=none", "callbacks=none",
         f"paths.output_dir={output_dir}",
     ] + ([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -194,7 +197,7 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list
         warmup_steps=cfg.module.scheduler.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
         max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
-        bf16=spec.device == "cuda", seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        bf16=HF_BF16[spec.precision], seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
         predict_with_generate=True,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=features,
@@ -236,71 +239,6 @@ def train_run(spec: Spec) -> dict[str, Any]:
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": peak.kind,
         **params,
-    }
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-
-
-def eval_run(spec: Spec, repeats: int) -> dict[str, Any]:
-    """Greedy answers to the same dev questions: the project's path against `Seq2SeqTrainer.predict`."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as output_dir:
-        s = _Setup(spec, output_dir)
-        dm, tokenizer, max_new_tokens = s.datamodule, s.tokenizer, s.cfg.eval.max_new_tokens
-        dm.setup("validate")
-        model = s.base.load().to(s.device).eval()  # the base as it is: only answering is measured
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=spec.device == "cuda")
-
-        def project() -> dict[str, str]:
-            answers: dict[str, str] = {}
-            for batch in dm.val_dataloader():  # sorted by length, longest first
-                with autocast:
-                    out = generate_answers(model, tokenizer, batch["input_ids"].to(s.device),
-                                           batch["attention_mask"].to(s.device), max_new_tokens)
-                answers.update(zip(batch["ids"], out))
-            return answers
-
-        # As run_seq2seq_qa.py predicts: questions in dataset order, labels included (it reports a loss too).
-        enc = dm._val
-        features = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
-                    for x, y in zip(enc.input_ids, enc.labels)]
-        args = Seq2SeqTrainingArguments(
-            output_dir=output_dir, per_device_eval_batch_size=spec.batch_size, predict_with_generate=True,
-            report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu", bf16=spec.device == "cuda",
-            bf16_full_eval=False, dataloader_num_workers=0,
-        )
-        trainer = Seq2SeqTrainer(model=model, args=args,
-                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100))
-
-        # predict() passes max_new_tokens beside the generation config's max_length and warns every batch.
-        hf_logging.set_verbosity_error()
-
-        def baseline() -> dict[str, str]:
-            output = trainer.predict(features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-            tokens = output.predictions
-            tokens[tokens == -100] = tokenizer.pad_token_id  # predictions are padded with -100 across batches
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            return dict(zip(enc.ids, map(answer_to_prediction, texts)))
-
-        times: dict[str, list[float]] = {"project": [], "hf": []}
-        answers: dict[str, dict[str, str]] = {}
-        for _ in range(repeats):  # alternate, so that machine noise hits both alike
-            for name, fn in (("project", project), ("hf", baseline)):
-                start = time.perf_counter()
-                answers[name] = fn()
-                if spec.device == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-
-    n = len(enc.ids)
-    agree = sum(answers["project"].get(i) == answers["hf"].get(i) for i in enc.ids) / n
-    return {
-        "spec": asdict(spec),
-        "questions": n,
-        "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
-        "examples_per_s": {k: n / statistics.median(v) for k, v in times.items()},
-        "answer_agreement": agree,
-        "sample_answers": [answers["project"][i] for i in enc.ids[:3]],
     }
 
 

@@ -3,7 +3,8 @@
 A base model as it is (the "before fine-tuning" baseline), or a finished run restored exactly as trained,
 answered through the very validation path of training (`SquadQAModule`: context windows, no-answer
 probabilities, snapping) and scored with the official rules. Writes `predictions.json`, `na_probs.json`
-(v2), `metrics.json` and `config.yaml` into its own run dir.
+(v2), `metrics.json` and `config.yaml` into its own run dir. `validate` is that answering path on its own:
+`benchmarks/evaluation.py` times it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
@@ -28,9 +30,49 @@ from flan_squad.base import count_parameters  # noqa: E402
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.results import PeakMemory, framed  # noqa: E402
-from flan_squad.runs import restore, run_config  # noqa: E402
+from flan_squad.runs import Restored, restore, run_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from flan_squad.data import SquadDataModule
+    from flan_squad.model import SquadQAModule
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Validation:
+    """One pass of the validation path over a split."""
+
+    module: SquadQAModule  # predictions, na_probs, scores, answer_stats, and every window's answer
+    datamodule: SquadDataModule
+    restored: Restored
+    trainer: L.Trainer
+    seconds: float  # trainer.validate: answering and scoring (the data is read and encoded before)
+    peak_memory_mb: float
+    peak_memory_kind: str
+
+
+def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bool = True) -> Validation:
+    """Answer and score cfg's validation split through training's validation path (`SquadQAModule` in a
+    Lightning `Trainer.validate`): what `evaluate` runs, and what `benchmarks/evaluation.py` times.
+    `restored`: a model already loaded (default: `restore(cfg, device)`)."""
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[TQDMProgressBar()] if progress_bar else [],
+                                     enable_checkpointing=False, enable_progress_bar=progress_bar)
+    device = trainer.strategy.root_device
+    peak = PeakMemory(device)
+    peak.reset()
+    restored = restored or restore(cfg, device)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split)
+    if restored.version != datamodule.version:
+        log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
+                    restored.source, restored.version, datamodule.version, datamodule.name)
+    datamodule.setup("validate")  # reading and encoding are not answering: outside the timed part
+    module = instantiate(cfg.module)(base=restored.base, strategy=restored.strategy, tokenizer=restored.tokenizer,
+                                     version=datamodule.version, model=restored.model)
+    started = time.perf_counter()
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    seconds = time.perf_counter() - started
+    return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -41,22 +83,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed)
 
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[TQDMProgressBar()],
-                                     enable_checkpointing=False)
-    device = trainer.strategy.root_device
-    peak = PeakMemory(device)
-    peak.reset()
-    restored = restore(cfg, device)
-    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split)
-    if restored.version != datamodule.version:
-        log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
-                    restored.source, restored.version, datamodule.version, datamodule.name)
-    module = instantiate(cfg.module)(base=restored.base, strategy=restored.strategy, tokenizer=restored.tokenizer,
-                                     version=datamodule.version, model=restored.model)
-    started = time.perf_counter()
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    seconds = time.perf_counter() - started
-
+    v = validate(cfg)
+    module, datamodule, restored, seconds = v.module, v.datamodule, v.restored, v.seconds
     metrics = {
         **module.scores,
         **module.answer_stats,
@@ -76,16 +104,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **count_parameters(restored.model),
         "eval_time_s": round(seconds, 3),
         "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
-        "peak_memory_mb": round(peak.read_mb(), 1),
-        "peak_memory_kind": peak.kind,
+        "peak_memory_mb": v.peak_memory_mb,
+        "peak_memory_kind": v.peak_memory_kind,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "stride": cfg.eval.stride,
         "snap_to_context": cfg.eval.snap_to_context,
-        "device": str(device),
+        "precision": str(v.trainer.precision),
+        "device": str(v.trainer.strategy.root_device),
         **datamodule.stats,
         "output_dir": str(output_dir),
     }
-    if trainer.is_global_zero:
+    if v.trainer.is_global_zero:
         write_json_atomic(output_dir / "predictions.json", module.predictions)
         if module.na_probs is not None:
             write_json_atomic(output_dir / "na_probs.json", module.na_probs)

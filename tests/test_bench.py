@@ -7,8 +7,12 @@ import json
 import pytest
 
 from benchmarks import bench
+from benchmarks.evaluation import eval_config, eval_run
 from benchmarks.flops import forward_flops
+from benchmarks.runs import Spec
 from flan_squad.base import BaseModel
+from flan_squad.config import bf16_is_native
+from flan_squad.evaluate import evaluate
 from conftest import SHARED
 
 
@@ -19,30 +23,75 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
                 "--eval-repeats", "1", "--memory-steps", "1", "--max-source-length", "256",
                 "--shared-dir", str(SHARED), "--in-process", "--out", str(out)])
     results = json.loads(out.read_text())
-    for key in ("train_speedup_vs_hf", "eval_speedup_vs_hf", "eval_answer_agreement",
-                "qlora_gc_peak_over_full_base", "machine"):
+    for key in ("train_speedup_vs_hf", "eval_speedup_vs_hf", "eval_answer_agreement", "eval_speedup_vs_hf_trained",
+                "qlora_gc_peak_over_full_base", "machine", "precision", "what_you_get"):
         assert results[key] is not None, key
     assert set(results["train_speedup_vs_hf"]) == {"full", "qlora"}
     assert all(v > 0 for v in results["train_speedup_vs_hf"].values())
     assert 0 <= results["eval_answer_agreement"] <= 1
     assert results["machine"]["cores"] >= 1 and results["peak_matmul"]["peak_flops"] > 0
+
+    # --precision auto: an fp32 table and a bf16 one (a short sample where bf16 is emulated), the headline in the
+    # project's automatic precision, and "what you get" = that precision against the baseline in fp32.
+    native = bf16_is_native("cpu")
+    assert set(results["tables"]) == {"fp32", "bf16"} and results["bf16_native"] == native
+    assert results["precision"] == ("bf16" if native else "fp32")
+    assert results["what_you_get"]["project_precision"] == ("bf16-mixed" if native else "32-true")
+    for name, table in results["tables"].items():
+        assert table["precision"] == name and table["peak_matmul"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[name]
+        lightning, hf_bf16 = {"fp32": ("32-true", False), "bf16": ("bf16-mixed", True)}[name]
+        assert table["sample"] == (name == "bf16" and not native)
+        assert not any("error" in r for r in table["train"])
+        assert all(r["spec"]["precision"] == name for r in table["train"])
+        for evaluation in (table["eval"], table["eval_trained"]):
+            # As run: Lightning's precision read back from its Trainer, and the Seq2SeqTrainer's bf16 flag.
+            assert (evaluation["lightning_precision"], evaluation["hf_bf16"]) == (lightning, hf_bf16)
+            assert evaluation["questions"] == 12
+            # Contexts longer than 256 tokens: the project answers several windows, the baseline truncates.
+            assert evaluation["model_inputs"]["project"] > evaluation["model_inputs"]["hf"] == evaluation["questions"]
+            assert 0 < evaluation["single_window_questions"] < evaluation["questions"]
+        # Random weights never stop; the planted training teaches answers that do.
+        assert table["eval"]["answer_tokens_mean"] == table["eval"]["max_new_tokens"] == 32
+        assert table["eval_trained"]["answer_tokens_mean"] < 8 and table["eval_trained_answer_tokens_mean"] < 8
+        assert table["eval_trained"]["model"] == "t5_tiny trained on planted facts, 24 steps"
+
+    fp32 = results["tables"]["fp32"]
     # 2 strategies x 2 checkpointing settings x (project, hf) + the padded baseline without checkpointing
-    assert len(results["train"]) == 10 and not any("error" in r for r in results["train"])
-    for run in results["train"]:
+    assert len(fp32["train"]) == 10
+    for run in fp32["train"]:
         assert run["every_example_once_per_epoch"], run["spec"]
         assert run["examples_per_epoch"] == 2 * 8 and len(run["epoch_seconds"]) == 2
         assert 0 < run["mfu"] < 1
     # The same questions, so the same model FLOPs, whatever the pipeline does with padding.
-    flops = {r["spec"]["pipeline"]: r["model_flops_per_step"] for r in results["train"]
+    flops = {r["spec"]["pipeline"]: r["model_flops_per_step"] for r in fp32["train"]
              if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]}
     assert flops["project"] == flops["hf"] == flops["hf_pad"]
     # Length-grouped batches never carry more padding than random ones, which never carry more than pad-to-max.
-    padding = {r["spec"]["pipeline"]: r["padded_over_real_source_tokens"] for r in results["train"]
+    padding = {r["spec"]["pipeline"]: r["padded_over_real_source_tokens"] for r in fp32["train"]
                if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]}
     assert 1.0 <= padding["project"] <= padding["hf"] <= padding["hf_pad"] and padding["project"] < padding["hf_pad"]
-    assert results["eval"]["questions"] == 12 and len(results["memory"]) == 4
+    assert len(results["memory"]) == 4 and all(r["spec"]["precision"] == results["precision"] for r in results["memory"])
+    bf16 = results["tables"]["bf16"]
+    assert len(bf16["train"]) == (10 if native else 2)  # the sample: full fine-tuning, gc off, project and hf
     printed = capsys.readouterr().out
     assert "x HF" in printed and "RANDOM INIT" in printed and "qlora+gc / full" in printed
+    assert "== fp32: " in printed and "== bf16: " in printed and "what you get" in printed
+    assert ("EMULATED bf16" in printed) == (not native) and "trained (planted)" in printed
+
+
+def test_bench_evaluation_is_flan_squad_evaluate(tmp_path):
+    # The benchmark's project side answers exactly as `python -m flan_squad.evaluate` does: the same windows
+    # (contexts longer than 128 tokens), best window, no-answer probabilities (v2) and snapping.
+    spec = Spec(model="t5_tiny", dataset="squad_v2", batch_size=4, max_source_length=128, eval_questions=8,
+                shared_dir=str(SHARED))
+    result = eval_run(spec, repeats=1, keep_predictions=True)
+    metrics = evaluate(eval_config(spec, str(tmp_path)))
+    assert result["predictions"] == json.loads((tmp_path / "predictions.json").read_text())
+    assert result["model_inputs"]["project"] == metrics["val_windows"] > metrics["val_examples"] == 8
+    assert result["f1"] == metrics["f1"] and result["snapped_answers"] == metrics["snapped_answers"]
+    # The same greedy generation on questions answered from one window: the baseline's answers equal the project's.
+    assert result["single_window_questions"] == 8 - metrics["multi_window_questions"] > 0
+    assert result["answer_agreement"] == 1.0 and set(result["hf_answers"]) == set(result["predictions"])
 
 
 def test_forward_flops_match_a_parameter_count_estimate(cache_dir):
