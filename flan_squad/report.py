@@ -97,7 +97,8 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
 
 
 def _natural(path: Path) -> list:
-    return [int(s) if s.isdigit() else s for s in path.parts]  # multirun job 10 after job 9
+    # multirun job 10 after job 9; numbered and named dirs (a base model's evaluation beside jobs) sort apart
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in path.parts]
 
 
 def read_run(path: Path) -> Run:

@@ -182,3 +182,9 @@ def test_globs_and_several_run_dirs(tmp_path):
     out, settings, _ = build_report([str(tmp_path / "runs" / "*_*lora"), str(tmp_path / "runs" / "a_full")])
     assert out == tmp_path / "runs" / "report"
     assert sorted(s.first.strategy for s in settings) == ["full", "lora", "qlora"]
+
+
+def test_numbered_jobs_and_named_dirs_sort_together(tmp_path):
+    for name in ("10", "9", "base"):  # e.g. make compare-cpu: jobs 0-2 and the base model's evaluation
+        make_run(tmp_path, name, "full", 1.0, rank=None)
+    assert [p.name for p in find_run_dirs([str(tmp_path)])] == ["9", "10", "base"]
