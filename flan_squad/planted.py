@@ -76,15 +76,15 @@ def make_split(texts: list[str], n: int, version: str, seed: int, prefix: str) -
 
 def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
     """Write {v1,v2}/{train,dev}.json under `out_dir` (train and dev plant into disjoint paragraphs)."""
-    texts = paragraphs(shared_dir)
-    split_at = len(texts) * 4 // 5
-    pools = {"train": texts[:split_at], "dev": texts[split_at:]}
-    for v, version in enumerate(("v1", "v2")):
-        for s, (split, n) in enumerate(SIZES.items()):
-            path = Path(out_dir) / version / f"{split}.json"
-            if not path.exists():
-                write_json_atomic(path, make_split(pools[split], n, version, seed * 100 + 10 * v + s,
-                                                   f"planted-{version}-{split}"))
+    missing = [(v, version, s, split, n) for v, version in enumerate(("v1", "v2"))
+               for s, (split, n) in enumerate(SIZES.items()) if not (Path(out_dir) / version / f"{split}.json").exists()]
+    if missing:  # the resolver asks on every config resolution: read the SQuAD file only to build
+        texts = paragraphs(shared_dir)
+        split_at = len(texts) * 4 // 5
+        pools = {"train": texts[:split_at], "dev": texts[split_at:]}
+        for v, version, s, split, n in missing:
+            write_json_atomic(Path(out_dir) / version / f"{split}.json",
+                              make_split(pools[split], n, version, seed * 100 + 10 * v + s, f"planted-{version}-{split}"))
     return Path(out_dir)
 
 
