@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from flan_squad.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
@@ -27,6 +29,14 @@ def auto_precision(accelerator: str) -> str:
     """bf16-mixed where bf16 is native (FLAN-T5 was trained in bf16), else fp32. Never fp16: T5 overflows it."""
     wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if bf16_is_native("cuda" if wants_gpu else "cpu") else "32-true"
+
+
+def check_precision(precision: str, option: str = "trainer.precision") -> str:
+    """`precision` if T5 can run in it; fp16 is refused in one line (its activations overflow)."""
+    if str(precision).startswith("16"):
+        raise ConfigError(f"{option}={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
+                          f"use bf16-mixed or 32-true")
+    return str(precision)
 
 
 def register_resolvers() -> None:

@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
+from flan_squad.config import check_precision  # noqa: E402  (and registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_json_atomic  # noqa: E402
 from flan_squad.inference import answer_questions  # noqa: E402
@@ -76,10 +76,15 @@ def predict(cfg: DictConfig) -> dict[str, str]:
                  else [Question("question", str(cfg.question), str(cfg.context), ())])
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
+    precision = check_precision(cfg.precision, "precision")
+    if precision not in ("bf16-mixed", "32-true", "32"):
+        raise ConfigError(f"precision={precision}: expected bf16-mixed or 32-true")
     restored = restore(cfg, device)
-    answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
-                               cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
-                               cfg.eval.max_new_tokens, cfg.eval.snap_to_context)
+    # bf16-mixed as Lightning runs it in evaluation: autocast around the model, weights kept as loaded.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
+                                   cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
+                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context)
     return answers.predictions
 
 

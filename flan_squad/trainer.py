@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder
 
+from flan_squad.config import check_precision
 from flan_squad.errors import ConfigError
 
 
@@ -20,10 +21,7 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     then kept untried (on CPU nothing runs out of memory, so the ceiling decides). Training goes on with the
     size it keeps; `metrics.json` records it as `batch_size`, with `auto_batch_size: true`.
     """
-    precision = str(trainer_kwargs.get("precision"))
-    if precision.startswith("16"):
-        raise ConfigError(f"trainer.precision={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
-                          f"use bf16-mixed or 32-true")
+    check_precision(trainer_kwargs.get("precision"))
     max_epochs = trainer_kwargs.get("max_epochs")
     if max_epochs is not None and max_epochs < 1 and trainer_kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (or set trainer.max_steps)")

@@ -12,6 +12,7 @@ import torch
 
 from conftest import SHARED, compose_config
 from flan_squad.config import PROJECT_ROOT
+from flan_squad.errors import ConfigError
 from flan_squad.evaluate import evaluate
 from flan_squad.export import export
 from flan_squad.inference import answer_questions
@@ -20,8 +21,10 @@ from flan_squad.runs import RunError, load_run
 from flan_squad.squad import read_squad_file
 from flan_squad.train import train
 
+# fp32 also where the CPU has native bf16: the round trips below compare answers across other batchings and
+# against a merged export, equal in exact arithmetic; in bf16 the rounding depends on batch shapes.
 SMALL = ["experiment=smoke", "dataset=squad_v2", "dataset.limit_val=8", "dataset.max_source_length=128",
-         "eval.stride=32", "eval.max_new_tokens=6"]
+         "eval.stride=32", "eval.max_new_tokens=6", "trainer.precision=32-true"]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +79,29 @@ def test_predict_from_a_run_matches_evaluation(lora_run, tmp_path, cache_dir):
     input_file.write_text("\n".join(json.dumps({"id": q.id, "question": q.question, "context": q.context})
                                     for q in questions), encoding="utf-8")
     cfg = compose_config([f"run_dir={lora_run}", f"input_file={input_file}", "dataset.max_source_length=128",
-                                    "eval.stride=32", "eval.max_new_tokens=6", "batch_size=3"], config_name="predict", cache=cache_dir)
+                          "eval.stride=32", "eval.max_new_tokens=6", "batch_size=3", "precision=32-true"],
+                         config_name="predict", cache=cache_dir)
     assert predict(cfg) == predictions  # other batches, same answers
+
+
+def test_predict_computes_in_evaluations_precision(tmp_path, cache_dir):
+    # A random-init model's near-uniform logits flip greedy choices under any other rounding: predict matches
+    # evaluate in bf16-mixed only if it computes in bf16 as Lightning does (and batches as evaluation does).
+    settings = ["model=t5_tiny", "dataset=squad_v1", "dataset.max_source_length=96", "dataset.eval_batch_size=4",
+                "eval.stride=32", "eval.max_new_tokens=8"]
+    evaluated = evaluate(compose_config([*settings, "dataset.limit_val=8", "trainer=cpu", "trainer.precision=bf16-mixed"],
+                                        config_name="evaluate", output_dir=tmp_path, cache=cache_dir))
+    assert evaluated["precision"] == "bf16-mixed"
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    questions = [q for q in read_squad_file(SHARED / "data/squad/v1.1/dev-v1.1.json")[1] if q.id in predictions]
+    input_file = tmp_path / "questions.json"
+    input_file.write_text(json.dumps([{"id": q.id, "question": q.question, "context": q.context} for q in questions]))
+    cfg = compose_config([*settings, f"input_file={input_file}", "precision=bf16-mixed"], config_name="predict",
+                         cache=cache_dir)
+    assert predict(cfg) == predictions
+    with pytest.raises(ConfigError, match="precision=16-mixed: T5's activations overflow fp16"):
+        predict(compose_config([*settings, f"input_file={input_file}", "precision=16-mixed"], config_name="predict",
+                               cache=cache_dir))
 
 
 def test_export_round_trip_gives_the_runs_answers(lora_run, tmp_path):
