@@ -93,6 +93,12 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     assert len(failed) == 2 and all("strategy.rank=0" in statuses[n]["overrides"] for n in failed)
     assert all("must be a whole number > 0" in statuses[n]["error"] for n in failed)
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == sorted(set(statuses) - failed)
+    trainable = {}  # each job built its own strategy: rank 4 has twice the adapter parameters of rank 2
+    for job in sweep.glob("*/metrics.json"):
+        metrics = json.loads(job.read_text())
+        trainable.setdefault(metrics["approach"]["capacity"]["value"], set()).add(metrics["trainable_params"])
+    assert set(trainable) == {2, 4} and all(len(v) == 1 for v in trainable.values())
+    assert trainable[4] == {2 * next(iter(trainable[2]))}
 
     out, settings, plots = build_report([str(sweep)])
     assert [s.status for s in settings].count("failed") == 2 and len(settings) == 6
