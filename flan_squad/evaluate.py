@@ -9,6 +9,7 @@ probabilities, snapping) and scored with the official rules. Writes `predictions
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -101,7 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "squad_version": datamodule.version,
         "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
         "val_examples": len(datamodule.val_questions),
-        **count_parameters(restored.model),
+        **_parameter_counts(cfg, restored),
         "eval_time_s": round(seconds, 3),
         "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
         "peak_memory_mb": v.peak_memory_mb,
@@ -121,6 +122,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(_summary(metrics), flush=True)
     return metrics
+
+
+def _parameter_counts(cfg: DictConfig, restored: Restored) -> dict[str, Any]:
+    """The model's size; for a run, what it trained and at which lr (as its metrics.json says: evaluation loads
+    adapters frozen). A base model trained nothing: no trainable count, no lr, as the report's base row shows."""
+    counts: dict[str, Any] = count_parameters(restored.model)
+    del counts["trainable_params"]
+    trained = _run_metrics(cfg.run_dir) if cfg.get("run_dir") else {}
+    return {**counts, "trainable_params": trained.get("trainable_params"), "lr": trained.get("lr")}
+
+
+def _run_metrics(run_dir: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a run copied without its metrics: its counts are unknown, not an error
 
 
 def _summary(m: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from flan_squad.evaluate import evaluate
 from flan_squad.export import export
 from flan_squad.inference import answer_questions
 from flan_squad.predict import predict
+from flan_squad.report import build_report, table_rows
 from flan_squad.runs import RunError, load_run
 from flan_squad.squad import read_squad_file
 from flan_squad.train import train
@@ -56,6 +57,7 @@ def test_evaluate_a_run_reproduces_its_validation(lora_run, tmp_path, cache_dir)
     for key in ("exact", "f1", "total", "HasAns_total", "NoAns_total", "multi_window_questions"):
         assert metrics[key] == trained[key], key
     assert metrics["strategy"] == "lora" and metrics["init"] == "random"
+    assert (metrics["trainable_params"], metrics["lr"]) == (trained["trainable_params"], trained["lr"])  # as trained
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["evaluated"] == f"run {lora_run}" and on_disk["val_examples"] == 8
 
@@ -69,6 +71,13 @@ def test_evaluate_a_base_model_on_v1_without_windows(tmp_path, cache_dir):
     assert metrics["multi_window_questions"] == 0 and metrics["val_truncated"] == 4
     assert not (tmp_path / "na_probs.json").exists() and "best_f1" not in metrics
     assert len(json.loads((tmp_path / "predictions.json").read_text())) == 4
+    # The "before fine-tuning" row of a report: it trained nothing, at no learning rate.
+    assert metrics["trainable_params"] is None and metrics["lr"] is None and metrics["total_params"] > 0
+    _, settings, _ = build_report([str(tmp_path)], tmp_path / "report")
+    header, rows = table_rows(settings)
+    row = dict(zip(header, rows[0]))
+    assert (row["approach"], row["lr"]) == ("base model, not fine-tuned", "–")
+    assert row.get("trainable params", "–") == "–"  # a column no row fills is left out
 
 
 def test_predict_from_a_run_matches_evaluation(lora_run, tmp_path, cache_dir):
