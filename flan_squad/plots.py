@@ -99,6 +99,13 @@ def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def reference_scores(runs: list[Run]) -> list[tuple[str, float]]:
+    """(label, F1) of the evaluations among the runs (a base model before fine-tuning, say): what the
+    learning curves started from, drawn across them as dashed lines."""
+    return [(run.approach, run.get("f1")) for run in runs
+            if run.get("evaluated") and run.get("f1") is not None and not read_curve(run)]
+
+
 def _learning_curves(runs: list[Run], path: Path, colours: dict[str, str]) -> Path | None:
     curves = [(run, read_curve(run)) for run in runs]
     curves = [(run, points) for run, points in curves if points]
@@ -111,6 +118,8 @@ def _learning_curves(runs: list[Run], path: Path, colours: dict[str, str]) -> Pa
         label = run.strategy if run.strategy not in labelled else None
         labelled.add(run.strategy)
         ax.plot(steps, values, marker="o", color=colours[run.strategy], label=label, alpha=0.8)
+    for label, f1 in reference_scores(runs):
+        ax.axhline(f1, linestyle="--", color="grey", alpha=0.8, label=f"{label} ({f1:.1f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation F1")
     ax.set_title(_title("Learning curves", [run for run, _ in curves]), fontsize=10)

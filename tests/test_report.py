@@ -148,6 +148,20 @@ def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):
     assert sorted(p.name for p in plots) == ["f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png"]
 
 
+def test_learning_curves_start_from_the_base_models_score(tmp_path):
+    from flan_squad.plots import reference_scores
+
+    make_run(tmp_path, "trained", "lora", 9.0, curve=[(10, 5.0), (20, 9.0)])
+    base = make_run(tmp_path, "base", "lora", 2.5)  # evaluate's metrics.json for a base model, no curve
+    metrics = json.loads((base / "metrics.json").read_text())
+    metrics.update(evaluated="base model t5-tiny", strategy="base", approach={"label": "base model, not fine-tuned"})
+    (base / "metrics.json").write_text(json.dumps(metrics))
+    runs = [read_run(tmp_path / "trained"), read_run(base)]
+    assert reference_scores(runs) == [("base model, not fine-tuned", 2.5)]  # the trained run is a curve, not a line
+    _, _, plots = build_report([str(tmp_path)])
+    assert "learning_curves.png" in {p.name for p in plots}
+
+
 def test_empty_missing_and_partial_inputs_give_messages(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "nope: no such file or directory" in capsys.readouterr().err
