@@ -1,11 +1,15 @@
 """A generated SQuAD task that a small T5 learns from random weights in minutes: facts planted in real contexts.
 
 Random-init scores on real SQuAD are 0 whatever the code does, so they cannot show that training works. Here
-each question takes the opening sentences of a real SQuAD paragraph, plants two sentences of the form
-"The <kind> code is <word>." (two different kinds, random words) at random sentence boundaries, and asks
-"What is the <kind> code?" for one of them: the answer is a span of the context, found by reading it
-(match the kind, copy the word), never by memorising. In the v2 variant a quarter of the questions ask about
-a kind that is not planted: unanswerable.
+each question takes the opening sentence of a real SQuAD paragraph, plants a sentence "The <kind> code is
+<word>." (random kind and word) at a random sentence boundary, and asks "What is the <kind> code?": the answer
+is a span of the context, found by reading it (find the fact, copy the word), never by memorising. In the v2
+variant a quarter of the questions have no fact planted: unanswerable, as in SQuAD 2.0.
+
+Harder variants were tried and left out: with two facts per context, t5-mini trained from scratch learned to
+copy a planted word but stayed at chance in picking the asked-for one; and unanswerable questions carrying a
+fact of another kind were not learned by any strategy fine-tuning the self-trained base (3 epochs, 2,000
+questions: NoAns F1 stayed at the share without any fact).
 
 The files are in the official SQuAD format, so reading, prompting, validation and scoring run on them
 exactly as on SQuAD. They are seeded (the same arguments give the same files) and built once under the
@@ -32,7 +36,7 @@ WORDS = ("apple river silver garden window castle orange winter forest candle ro
          "harbor copper thunder lemon piano island bridge").split()
 SIZES = {"train": 4000, "dev": 300}
 SENTENCES_KEPT = 1  # of each real paragraph: short contexts (~60 tokens with the facts) train fast
-UNANSWERABLE_SHARE = 0.25  # v2 only
+UNANSWERABLE_SHARE = 0.25  # v2 only: the asked-for fact is not planted
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -55,19 +59,16 @@ def make_split(texts: list[str], n: int, version: str, seed: int, prefix: str) -
     rng = random.Random(seed)
     articles = []
     for i in range(n):
-        kinds = rng.sample(KINDS, 3)  # two planted, the third asked about when unanswerable
-        words = rng.sample(WORDS, 2)
-        facts = [f"The {kind} code is {word}." for kind, word in zip(kinds, words)]
-        context = " ".join(plant(_SENTENCE_END.split(rng.choice(texts)), facts, rng))
+        kind, word = rng.choice(KINDS), rng.choice(WORDS)
         unanswerable = version == "v2" and rng.random() < UNANSWERABLE_SHARE
-        asked = 2 if unanswerable else rng.randrange(2)
-        qa = {"id": f"{prefix}-{i:05d}", "question": f"What is the {kinds[asked]} code?", "answers": []}
+        fact = f"The {kind} code is {word}."
+        context = " ".join(plant(_SENTENCE_END.split(rng.choice(texts)), [] if unanswerable else [fact], rng))
+        qa = {"id": f"{prefix}-{i:05d}", "question": f"What is the {kind} code?", "answers": []}
         if unanswerable:
             qa["is_impossible"] = True
         else:
-            fact_start = context.index(facts[asked])
-            start = fact_start + len(facts[asked]) - len(words[asked]) - 1  # the word before the final "."
-            qa["answers"] = [{"text": words[asked], "answer_start": start}]
+            start = context.index(fact) + len(fact) - len(word) - 1  # the word before the final "."
+            qa["answers"] = [{"text": word, "answer_start": start}]
             if version == "v2":
                 qa["is_impossible"] = False
         articles.append({"title": f"planted-{i:05d}", "paragraphs": [{"context": context, "qas": [qa]}]})

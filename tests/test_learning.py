@@ -2,10 +2,13 @@
 validation every epoch, ends far above its untrained score on a task a tiny T5 can learn in a minute.
 
 Random-init scores on real SQuAD are 0 whatever the code does; facts planted in real SQuAD contexts
-(`dataset=planted_v1|v2`, flan_squad/planted.py) are learnable from scratch. Thresholds are set well below
-what was measured (2-core CPU, fp32, random init, `experiment=learning_check`): full v1 F1 29.5 / 47 / 49
-after epochs 1-3; full v2 (2 epochs) HasAns F1 11.3, NoAns F1 55.3; LoRA all-linear 0 / 17 / 18; QLoRA
-all-linear 1 / 12 / 12; bf16-mixed full v1 26 / 42 (where bf16 is native, every run here is bf16-mixed).
+(`dataset=planted_v1|v2`, flan_squad/planted.py) are learnable from scratch. Thresholds are set at about half
+of what was measured (AMD EPYC with AVX512-BF16, 2 cores, random init, `experiment=learning_check`, val F1
+after epochs 1-3; auto precision = bf16-mixed there, fp32 on CPUs without native bf16):
+  full v1   bf16-mixed 48 / 98 / 99    fp32 48 / 100 / 98
+  full v2   bf16-mixed 38 / 69 / 86    fp32 38 / 63 / 87   (epoch 2: HasAns 71 / 66, NoAns 62 / 54)
+  LoRA all-linear 10 / 38 / 60, QLoRA all-linear 10 / 38 / 59 (bf16-mixed)
+The untrained model scores 0 on both versions (it never answers "" on v2, nor a planted word on either).
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrain
     assert (v1["dataset"], v2["dataset"]) == ("planted_v1", "planted_v2") and v1["init"] == "random"
     for job in (v1, v2):
         assert len(job["validations"]) >= 2  # one per epoch (+ the final re-validation of the best weights)
-    assert untrained["planted_v1"]["f1"] < 2 and v1["f1"] >= 20
-    assert untrained["planted_v2"]["HasAns_f1"] < 2 and v2["HasAns_f1"] >= 4
-    assert untrained["planted_v2"]["NoAns_f1"] < 2 and v2["NoAns_f1"] >= 20
+    assert untrained["planted_v1"]["f1"] < 2 and v1["f1"] >= 60
+    assert untrained["planted_v2"]["HasAns_f1"] < 2 and v2["HasAns_f1"] >= 30
+    assert untrained["planted_v2"]["NoAns_f1"] < 2 and v2["NoAns_f1"] >= 25
 
 
 def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained):
@@ -64,7 +67,7 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained):
                      tmp_path, cache_dir)
     by_strategy = {job["strategy"]: job for job in jobs}
     assert set(by_strategy) == {"lora", "qlora"} and by_strategy["qlora"]["params_4bit"] > 0
-    for name, threshold in (("lora", 6), ("qlora", 5)):
+    for name, threshold in (("lora", 30), ("qlora", 30)):
         job = by_strategy[name]
         f1_per_epoch = [float(v["val/f1"]) for v in job["validations"]]
         assert len(f1_per_epoch) >= 3, f1_per_epoch
