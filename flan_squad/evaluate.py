@@ -127,10 +127,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _parameter_counts(cfg: DictConfig, restored: Restored) -> dict[str, Any]:
     """The model's size; for a run, what it trained and at which lr (as its metrics.json says: evaluation loads
     adapters frozen). A base model trained nothing: no trainable count, no lr, as the report's base row shows."""
-    counts: dict[str, Any] = count_parameters(restored.model)
-    del counts["trainable_params"]
     trained = _run_metrics(cfg.run_dir) if cfg.get("run_dir") else {}
-    return {**counts, "trainable_params": trained.get("trainable_params"), "lr": trained.get("lr")}
+    return {**count_parameters(restored.model), "trainable_params": trained.get("trainable_params"),
+            "lr": trained.get("lr")}
 
 
 def _run_metrics(run_dir: str) -> dict[str, Any]:

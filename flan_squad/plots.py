@@ -100,10 +100,10 @@ def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
 
 
 def reference_scores(runs: list[Run]) -> list[tuple[str, float]]:
-    """(label, F1) of the evaluations among the runs (a base model before fine-tuning, say): what the
-    learning curves started from, drawn across them as dashed lines."""
+    """(label, F1) of the base-model evaluations among the runs (`flan_squad.evaluate` without a run_dir): what
+    the learning curves started from, drawn across them as dashed lines."""
     return [(run.approach, run.get("f1")) for run in runs
-            if run.get("evaluated") and run.get("f1") is not None and not read_curve(run)]
+            if run.get("evaluated") and not run.get("run_dir") and run.get("f1") is not None]
 
 
 def _learning_curves(runs: list[Run], path: Path, colours: dict[str, str]) -> Path | None:
