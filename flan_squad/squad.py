@@ -6,6 +6,7 @@ in `flan_squad.data`, the scoring rules in `flan_squad.metrics`.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +54,25 @@ def read_squad_file(path: str | Path) -> tuple[str, list[Question]]:
     """Read an official-format SQuAD JSON file; return its version ("v1"/"v2") and its questions."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        content = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (set dataset.train_file / dataset.validation_file)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    version, questions = _parse(content, path)
+    return version, list(questions)
+
+
+# Keyed by the file's bytes, so an edited file is parsed again: a multirun's jobs (and the tests) read the same
+# few files many times in one process, and parsing SQuAD dev costs ~0.1 s a time.
+@functools.lru_cache(maxsize=4)
+def _parse(content: bytes, path: Path) -> tuple[str, tuple[Question, ...]]:
+    try:
+        raw = json.loads(content.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}): SQuAD files are UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
     def fail(where: str, problem: str):
         raise DataError(f"{path}: {where}: {problem} (expected the official SQuAD format)")
@@ -101,4 +112,4 @@ def read_squad_file(path: str | Path) -> tuple[str, list[Question]]:
                 )
     if not questions:
         raise DataError(f"{path}: holds no questions")
-    return version, questions
+    return version, tuple(questions)

@@ -150,6 +150,17 @@ def test_missing_file_names_the_option(tmp_path):
         read_squad_file(tmp_path / "nope.json")
 
 
+def test_a_file_rewritten_in_place_is_read_again(tmp_path):
+    # Parsing is cached per process: an edit of the same size within the clock's granularity is still seen.
+    path = _write(tmp_path, _squad([{"id": "q1", "question": "Who?", "answers": [{"text": "Paris"}]}]))
+    first = read_squad_file(path)[1]
+    path.write_text(_squad([{"id": "q1", "question": "How?", "answers": [{"text": "Paris"}]}]))
+    second = read_squad_file(path)[1]
+    assert [q.question for q in first] == ["Who?"] and [q.question for q in second] == ["How?"]
+    second.clear()  # a caller's list is its own
+    assert [q.question for q in read_squad_file(path)[1]] == ["How?"]
+
+
 def test_question_too_long_for_max_source_length(tokenizer):
     long_question = Question("long-q", " ".join(["why"] * 80) + "?", "Context.", ("Context",), (0,))
     with pytest.raises(DataError, match=r"train.json: question .long-q. .* dataset.max_source_length=64"):
