@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import runpy
+import subprocess
+import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/datasets read it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,6 +48,33 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_base(cache_dir) -> BaseModel:
     return BaseModel(name="t5-tiny", name_or_path=None, init="random", tokenizer=str(TOKENIZER_DIR),
                      architecture=TINY_ARCHITECTURE, cache_dir=str(cache_dir))
+
+
+@pytest.fixture
+def run_entry_point(monkeypatch, capsys):
+    """`python -m <module> <argv>` in this process, as a `subprocess.CompletedProcess`: the same argument
+    parsing, Hydra main, output and exit status as a subprocess, without its ~9 s import of the stack. Tests
+    where the process itself matters (killed, distributed, one-line errors on a real stderr) run subprocesses."""
+    monkeypatch.setenv("FLAN_SQUAD_SHARED", str(SHARED))
+
+    def run(module: str, argv: list[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # only this run's output
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level  # Hydra sets up logging for its job: undone after
+        monkeypatch.setattr(sys, "argv", [module, *argv])
+        code = 0
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": it runs again as __main__
+                runpy.run_module(module, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            root.handlers[:], root.level = handlers, level
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *argv], code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import SHARED, compose_config
-from flan_squad.config import PROJECT_ROOT
 from flan_squad.errors import ConfigError
 from flan_squad.evaluate import evaluate
 from flan_squad.export import export
@@ -134,12 +130,10 @@ def test_export_round_trip_gives_the_runs_answers(lora_run, tmp_path):
         export(lora_run, out)  # never overwrites
 
 
-def test_predict_command_line_single_question(lora_run, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED), "PYTHONPATH": str(PROJECT_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "flan_squad.predict", f"run_dir={lora_run}",
-                             "question=Where is the tower?", "context=The Eiffel Tower is in Paris.",
-                             "eval.max_new_tokens=4"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+def test_predict_command_line_single_question(lora_run, tmp_path, monkeypatch, run_entry_point):
+    monkeypatch.chdir(tmp_path)
+    result = run_entry_point("flan_squad.predict", [f"run_dir={lora_run}", "question=Where is the tower?",
+                                                    "context=The Eiffel Tower is in Paris.", "eval.max_new_tokens=4"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() and len(result.stdout.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written beside the caller

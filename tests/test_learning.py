@@ -1,5 +1,6 @@
-"""The learning check: every strategy, trained from random weights through `python -m flan_squad.train` with
-validation every epoch, ends far above its untrained score on a task a tiny T5 can learn in a minute.
+"""The learning check: every strategy, trained from random weights through `python -m flan_squad.train` (run in
+this process: conftest.run_entry_point) with validation every epoch, ends far above its untrained score on a task
+a tiny T5 can learn in a minute.
 
 Random-init scores on real SQuAD are 0 whatever the code does; facts planted in real SQuAD contexts
 (`dataset=planted_v1|v2`, flan_squad/planted.py) are learnable from scratch. Thresholds are set at about half
@@ -15,22 +16,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import SHARED, compose_config
-from flan_squad.config import PROJECT_ROOT
 from flan_squad.evaluate import evaluate
 
 
-def _multirun(args: list[str], sweep_dir, cache_dir) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
-    result = subprocess.run([sys.executable, "-m", "flan_squad.train", "-m", "experiment=learning_check", "logger=csv",
-                             "callbacks=none", *args, f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache_dir}"],
-                            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+def _multirun(run_entry_point, args: list[str], sweep_dir, cache_dir) -> list[dict]:
+    result = run_entry_point("flan_squad.train", ["-m", "experiment=learning_check", "logger=csv", "callbacks=none",
+                                                  *args, f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").exists()):
@@ -51,8 +46,8 @@ def untrained(tmp_path_factory, cache_dir) -> dict[str, dict]:
     return scores
 
 
-def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrained):
-    jobs = _multirun(["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"], tmp_path, cache_dir)
+def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrained, run_entry_point):
+    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"], tmp_path, cache_dir)
     v1, v2 = sorted(jobs, key=lambda j: j["dataset"])
     assert (v1["dataset"], v2["dataset"]) == ("planted_v1", "planted_v2") and v1["init"] == "random"
     for job in (v1, v2):
@@ -62,9 +57,9 @@ def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrain
     assert untrained["planted_v2"]["NoAns_f1"] < 2 and v2["NoAns_f1"] >= 25
 
 
-def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained):
-    jobs = _multirun(["strategy=lora,qlora", "++strategy.target_modules=all-linear", "++strategy.dropout=0"],
-                     tmp_path, cache_dir)
+def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
+    jobs = _multirun(run_entry_point, ["strategy=lora,qlora", "++strategy.target_modules=all-linear",
+                                       "++strategy.dropout=0"], tmp_path, cache_dir)
     by_strategy = {job["strategy"]: job for job in jobs}
     assert set(by_strategy) == {"lora", "qlora"} and by_strategy["qlora"]["params_4bit"] > 0
     for name, threshold in (("lora", 30), ("qlora", 30)):

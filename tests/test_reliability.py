@@ -35,7 +35,7 @@ def _env() -> dict:
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, cache_dir):
+def test_killed_run_resumes_to_the_same_result(tmp_path, cache_dir, run_entry_point):
     run_dir, marker = tmp_path / "killed", tmp_path / "step"
     args = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
     slow = ["+callbacks.slow._target_=fault_injection.SlowSteps", f"+callbacks.slow.marker={marker}"]
@@ -50,12 +50,12 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, cache_dir):
     process.wait()
     assert not (run_dir / "metrics.json").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
 
-    refused = subprocess.run(_command(args), cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True)
+    # The killed process is the only one that must be real: the rest run the same command line in this process.
+    refused = run_entry_point("flan_squad.train", RUN + args)
     assert refused.returncode != 0 and "already holds results" in refused.stderr.splitlines()[-1]
     assert "Traceback" not in refused.stderr
 
-    resumed = subprocess.run(_command(args + ["resume=true"]), cwd=PROJECT_ROOT, env=_env(),
-                             capture_output=True, text=True)
+    resumed = run_entry_point("flan_squad.train", RUN + args + ["resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 16 and metrics["epochs"] == 2

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
-from conftest import SHARED, compose_config
-from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
+from conftest import compose_config
+from flan_squad.config import CONFIG_DIR
 from flan_squad.report import build_report
 from flan_squad.train import train
 
@@ -74,17 +71,12 @@ def test_auto_batch_size_is_found_and_recorded(tmp_path, cache_dir):
     assert json.loads((tmp_path / "metrics.json").read_text())["batch_size"] == 4
 
 
-def _run_train(args: list[str], cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
-    return subprocess.run([sys.executable, "-m", "flan_squad.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tmp_path):
+def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tmp_path, run_entry_point):
     sweep = tmp_path / "sweep"
     # No -m: the preset makes it a multirun. rank=0 is invalid: those 2 of the 6 jobs fail.
-    result = _run_train(["hparams_search=lr_rank", "experiment=smoke", "strategy.rank=0,2,4", "dataset=squad_v2",
-                         *TINY, f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_entry_point("flan_squad.train", [
+        "hparams_search=lr_rank", "experiment=smoke", "strategy.rank=0,2,4", "dataset=squad_v2", *TINY,
+        f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert result.returncode != 0, "a sweep with a failed job must not exit 0"
     assert "strategy.rank=0: must be a whole number > 0" in result.stderr
     statuses = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/status.json")}
@@ -109,10 +101,11 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     assert table.count("| squad_v2 | lora rank=0 |") == 2  # failed before that: the strategy's overrides
 
 
-def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path):
+def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path, run_entry_point):
     sweep = tmp_path / "optuna"
-    result = _run_train(["hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=2", "dataset=squad_v2",
-                         *TINY, "logger=none", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    result = run_entry_point("flan_squad.train", [
+        "hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=2", "dataset=squad_v2", *TINY,
+        "logger=none", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     trials = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
     assert len(trials) == 2 and all(t["strategy"] == "lora" for t in trials)

@@ -1,17 +1,13 @@
-"""End to end: the smoke runs in-process for each strategy, and the real command line (a multirun: tests/test_sweeps.py)."""
+"""End to end: the smoke runs in-process for each strategy, and the command line (as a multirun: tests/test_sweeps.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SHARED, compose_config
-from flan_squad.config import PROJECT_ROOT
+from conftest import compose_config
 from flan_squad.train import train
 
 REQUIRED = {"exact", "f1", "total", "strategy", "model", "init", "trainable_params", "total_params",
@@ -42,18 +38,12 @@ def test_smoke_run_writes_complete_results(strategy, dataset, tmp_path, cache_di
     assert {"val/exact", "val/f1", "train/loss"} <= set(events.Tags()["scalars"])
 
 
-def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
-    result = subprocess.run([sys.executable, "-m", "flan_squad.train", *args], cwd=PROJECT_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_command_line_run_honours_run_dir(tmp_path):
+def test_command_line_run_honours_run_dir(tmp_path, run_entry_point):
     run_dir = tmp_path / "run"
-    result = _run(["experiment=smoke", "strategy=qlora", "dataset=squad_v2", f"hydra.run.dir={run_dir}",
-                   "trainer.max_epochs=1", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    result = run_entry_point("flan_squad.train", ["experiment=smoke", "strategy=qlora", "dataset=squad_v2",
+                                                  f"hydra.run.dir={run_dir}", "trainer.max_epochs=1",
+                                                  f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["strategy"] == "qlora" and V2_KEYS <= metrics.keys() and metrics["params_4bit"] > 0
     assert "random-init weights" in result.stdout and str(run_dir) in result.stdout  # the end-of-run summary

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import runpy
 import subprocess
 import sys
-import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -92,26 +89,13 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr and (result.stdout + result.stderr).count(message) == 1  # said once
 
 
-def _run_module(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python -m module argv` in this process (no ~9 s import of the stack): exit status, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", [module, *argv])
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", list(root.handlers))  # Hydra sets up logging for its job: undone after
-    monkeypatch.setattr(root, "level", root.level)
-    with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": it is, and runs again as __main__
-        runpy.run_module(module, run_name="__main__")
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
-
-
-def test_evaluate_bad_run_dir_is_one_line(tmp_path, monkeypatch, capsys):
-    code, out, err = _run_module("flan_squad.evaluate", [f"run_dir={tmp_path / 'nope'}", "trainer=cpu",
-                                          f"hydra.run.dir={tmp_path / 'eval'}"], monkeypatch, capsys)
-    assert code == 2 and out == ""
-    assert err.strip().splitlines()[-1] == (f"error: run_dir={tmp_path / 'nope'}: no config.yaml there: "
-                                            f"not a run dir written by flan_squad.train")
-    assert "Traceback" not in err and err.count("no config.yaml") == 1
+def test_evaluate_bad_run_dir_is_one_line(tmp_path, run_entry_point):
+    result = run_entry_point("flan_squad.evaluate", [f"run_dir={tmp_path / 'nope'}", "trainer=cpu",
+                                                   f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (f"error: run_dir={tmp_path / 'nope'}: no config.yaml there: "
+                                                      f"not a run dir written by flan_squad.train")
+    assert "Traceback" not in result.stderr and result.stderr.count("no config.yaml") == 1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -119,9 +103,10 @@ def test_evaluate_bad_run_dir_is_one_line(tmp_path, monkeypatch, capsys):
     (["question=Where?", "context=Here.", "input_file=q.json"], "give either question=... context=... or input_file"),
     (["input_file=/nonexistent/q.json"], "input_file=/nonexistent/q.json: cannot read it"),
 ])
-def test_predict_bad_arguments_are_one_line(argv, message, monkeypatch, capsys):
-    code, out, err = _run_module("flan_squad.predict", argv, monkeypatch, capsys)
-    assert code == 2 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1
+def test_predict_bad_arguments_are_one_line(argv, message, run_entry_point):
+    result = run_entry_point("flan_squad.predict", argv)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
 
 
 def test_predict_argument_errors_are_config_errors():
