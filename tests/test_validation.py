@@ -89,6 +89,24 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr and (result.stdout + result.stderr).count(message) == 1  # said once
 
 
+@pytest.mark.parametrize("override, message", [
+    ("strategy=lora strategy.rank=0", "strategy.rank=0: must be a whole number > 0"),
+    ("strategy.lr=-1", "strategy.lr=-1: must be > 0"),
+    ("dataset.batch_size=0", "dataset.batch_size=0: must be a positive whole number"),
+    ("model.init=foo", "model.init='foo': expected 'pretrained' or 'random'"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be >= 1"),
+    ("eval.stride=0", "eval.stride=0: must be a whole number >= 1"),
+])
+def test_bad_values_on_the_command_line_are_one_line(override, message, tmp_path, cache_dir, run_entry_point):
+    # Errors raised inside hydra.utils.instantiate arrive wrapped: the user sees the option, not Hydra's wrapping.
+    result = run_entry_point("flan_squad.train", ["experiment=smoke", *override.split(),
+                                                  f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"])
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    for noise in ("Traceback", "HYDRA_FULL_ERROR", "Error in call to target", "failed (", "sweep"):
+        assert noise not in result.stdout + result.stderr, noise
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_evaluate_bad_run_dir_is_one_line(tmp_path, run_entry_point):
     result = run_entry_point("flan_squad.evaluate", [f"run_dir={tmp_path / 'nope'}", "trainer=cpu",
                                                    f"hydra.run.dir={tmp_path / 'eval'}"])
