@@ -19,7 +19,7 @@ from conftest import SHARED
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "latest.json"
     bench.main(["--model", "t5_tiny", "--memory-model", "t5_tiny", "--strategies", "full,qlora",
-                "--dataset", "squad_v2", "--steps", "2", "--repeats", "2", "--eval-questions", "12",
+                "--dataset", "squad_v2", "--steps", "2", "--repeats", "2", "--batch-size", "2", "--eval-questions", "12",
                 "--eval-repeats", "1", "--memory-steps", "1", "--max-source-length", "256",
                 "--shared-dir", str(SHARED), "--in-process", "--out", str(out)])
     results = json.loads(out.read_text())
@@ -60,7 +60,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert len(fp32["train"]) == 10
     for run in fp32["train"]:
         assert run["every_example_once_per_epoch"], run["spec"]
-        assert run["examples_per_epoch"] == 2 * 8 and len(run["epoch_seconds"]) == 2
+        assert run["examples_per_epoch"] == 2 * 2 and len(run["epoch_seconds"]) == 2
         assert 0 < run["mfu"] < 1
     # The same questions, so the same model FLOPs, whatever the pipeline does with padding.
     flops = {r["spec"]["pipeline"]: r["model_flops_per_step"] for r in fp32["train"]
