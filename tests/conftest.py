@@ -50,6 +50,11 @@ def tiny_base(cache_dir) -> BaseModel:
                      architecture=TINY_ARCHITECTURE, cache_dir=str(cache_dir))
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's real subprocess: offline, reading ../shared (or FLAN_SQUAD_SHARED)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED), **extra}
+
+
 @pytest.fixture
 def run_entry_point(monkeypatch, capsys):
     """`python -m <module> <argv>` in this process, as a `subprocess.CompletedProcess`: the same argument

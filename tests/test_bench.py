@@ -19,8 +19,8 @@ from conftest import SHARED
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "latest.json"
     bench.main(["--model", "t5_tiny", "--memory-model", "t5_tiny", "--strategies", "full,qlora",
-                "--dataset", "squad_v2", "--steps", "2", "--repeats", "2", "--batch-size", "2", "--eval-questions", "12",
-                "--eval-repeats", "1", "--memory-steps", "1", "--max-source-length", "256",
+                "--dataset", "squad_v2", "--steps", "2", "--repeats", "2", "--batch-size", "2",
+                "--eval-questions", "12", "--eval-repeats", "1", "--memory-steps", "1", "--max-source-length", "256",
                 "--shared-dir", str(SHARED), "--in-process", "--out", str(out)])
     results = json.loads(out.read_text())
     for key in ("train_speedup_vs_hf", "eval_speedup_vs_hf", "eval_answer_agreement", "eval_speedup_vs_hf_trained",

@@ -47,7 +47,8 @@ def untrained(tmp_path_factory, cache_dir) -> dict[str, dict]:
 
 
 def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrained, run_entry_point):
-    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"], tmp_path, cache_dir)
+    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"],
+                     tmp_path, cache_dir)
     v1, v2 = sorted(jobs, key=lambda j: j["dataset"])
     assert (v1["dataset"], v2["dataset"]) == ("planted_v1", "planted_v2") and v1["init"] == "random"
     for job in (v1, v2):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SHARED, compose_config
+from conftest import compose_config, subprocess_env
 from flan_squad.config import PROJECT_ROOT
 from flan_squad.errors import RunDirError, TrainingError
 from flan_squad.files import write_dir_atomic, write_json_atomic
@@ -31,8 +31,7 @@ def _command(args: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED),
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, cache_dir, run_entry_point):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import SHARED, compose_config
+from conftest import compose_config, subprocess_env
 from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
 from flan_squad.evaluate import evaluate
 
@@ -22,11 +21,10 @@ def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_
     overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=16",
                  "dataset.limit_val=13", "trainer.max_epochs=1", f"paths.cache_dir={cache_dir}",
                  "trainer.precision=32-true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
     result = subprocess.run(
         [sys.executable, "-m", "flan_squad.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
          "trainer.devices=2", f"hydra.run.dir={run_dir}"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # the second process wrote into the same run dir
     metrics = json.loads((run_dir / "metrics.json").read_text())

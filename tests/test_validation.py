@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import DEV_V1, DEV_V2, SHARED, compose_config
+from conftest import DEV_V1, DEV_V2, compose_config, subprocess_env
 from flan_squad.config import PROJECT_ROOT
 from flan_squad.data import SquadDataModule
 from flan_squad.errors import ConfigError
@@ -78,11 +77,10 @@ def test_answers_missing_from_their_context_are_counted_not_fatal(tmp_path, toke
 
 
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED)}
     result = subprocess.run(
         [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "dataset.train_file=/nonexistent/train.json",
          f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     message = "/nonexistent/train.json: no such file (set dataset.train_file / dataset.validation_file)"
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
