@@ -9,6 +9,8 @@ after epochs 1-3; auto precision = bf16-mixed there, fp32 on CPUs without native
   full v1   bf16-mixed 48 / 98 / 99    fp32 48 / 100 / 98
   full v2   bf16-mixed 38 / 69 / 86    fp32 38 / 63 / 87   (epoch 2: HasAns 71 / 66, NoAns 62 / 54)
   LoRA all-linear 10 / 38 / 60, QLoRA all-linear 10 / 38 / 59 (bf16-mixed)
+  IA3 (lr 0.1, 2 epochs) on planted_v2 from the full planted_v1 model: 94 / 100, NoAns 100 (bf16-mixed); on a
+  CPU without native bf16 (simulated, fp32 throughout) 87 / 93, NoAns 75. That base alone: HasAns 99, NoAns 0.
 The untrained model scores 0 on both versions (it never answers "" on v2, nor a planted word on either).
 """
 
@@ -35,20 +37,23 @@ def _multirun(run_entry_point, args: list[str], sweep_dir, cache_dir) -> list[di
     return jobs
 
 
+def _score_before_training(dataset: str, output_dir, cache_dir, model: tuple[str, ...] = ()) -> dict:
+    cfg = compose_config(["experiment=learning_check", f"dataset={dataset}", *model], config_name="evaluate",
+                         output_dir=output_dir, cache=cache_dir)
+    return evaluate(cfg)
+
+
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory, cache_dir) -> dict[str, dict]:
     """The scores of the random-init base itself, on the same validation questions."""
-    scores = {}
-    for dataset in ("planted_v1", "planted_v2"):
-        cfg = compose_config(["experiment=learning_check", f"dataset={dataset}"], config_name="evaluate",
-                             output_dir=tmp_path_factory.mktemp(dataset), cache=cache_dir)
-        scores[dataset] = evaluate(cfg)
-    return scores
+    return {dataset: _score_before_training(dataset, tmp_path_factory.mktemp(dataset), cache_dir)
+            for dataset in ("planted_v1", "planted_v2")}
 
 
-def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrained, run_entry_point):
+def test_full_fine_tuning_learns_both_task_versions_and_ia3_learns_on_top(tmp_path, cache_dir, untrained,
+                                                                          run_entry_point):
     jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"],
-                     tmp_path, cache_dir)
+                     tmp_path / "full", cache_dir)
     v1, v2 = sorted(jobs, key=lambda j: j["dataset"])
     assert (v1["dataset"], v2["dataset"]) == ("planted_v1", "planted_v2") and v1["init"] == "random"
     for job in (v1, v2):
@@ -56,6 +61,17 @@ def test_full_fine_tuning_learns_both_task_versions(tmp_path, cache_dir, untrain
     assert untrained["planted_v1"]["f1"] < 2 and v1["f1"] >= 60
     assert untrained["planted_v2"]["HasAns_f1"] < 2 and v2["HasAns_f1"] >= 30
     assert untrained["planted_v2"]["NoAns_f1"] < 2 and v2["NoAns_f1"] >= 25
+
+    # IA3 only rescales a base's activations: from random weights it learns nothing (F1 0 after 3 epochs, lr 3e-3
+    # or 3e-2). From the planted_v1 model just trained, which answers every question, it learns to abstain.
+    base = (f"model.name_or_path={v1['output_dir']}/model", "model.init=pretrained", "model.tokenizer=null",
+            "++model.note='trained in this test on planted_v1, not FLAN-T5'")
+    before = _score_before_training("planted_v2", tmp_path / "base_on_v2", cache_dir, base)
+    (ia3,) = _multirun(run_entry_point, ["strategy=ia3", "strategy.lr=0.1", "dataset=planted_v2",
+                                         "trainer.max_epochs=2", *base], tmp_path / "ia3", cache_dir)
+    assert ia3["strategy"] == "ia3" and ia3["init"] == "pretrained" and len(ia3["validations"]) >= 2
+    assert before["NoAns_f1"] < 2 and ia3["NoAns_f1"] >= 40
+    assert before["HasAns_f1"] >= 50 and ia3["HasAns_f1"] >= 50  # and it keeps answering what it can
 
 
 def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
