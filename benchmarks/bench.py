@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.summary import summarise, table
-from flan_squad.config import CONFIG_DIR
+from flan_squad.utils.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))  # every conf/strategy option
@@ -136,7 +136,7 @@ def precision_plan(choice: str, bf16_native: bool) -> list[tuple[str, bool]]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from benchmarks.runs import Spec
-    from flan_squad.config import auto_precision, bf16_is_native
+    from flan_squad.utils.precision import auto_precision, bf16_is_native
 
     out = Path(args.out)
     log_dir = out.parent / "logs"
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                 memory.append(run_train(spec, args.in_process, log_dir))
 
     results = summarise(args, info, native, auto, tables, memory, time.perf_counter() - started)
-    from flan_squad.files import write_json_atomic
+    from flan_squad.utils.files import write_json_atomic
 
     write_json_atomic(out, results)
     print(table(results))

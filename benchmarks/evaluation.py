@@ -36,15 +36,14 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from flan_squad.config import CONFIG_DIR  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
 from flan_squad.evaluate import validate  # noqa: E402
-from flan_squad.runs import restore  # noqa: E402
-from flan_squad.squad import answer_to_prediction  # noqa: E402
+from flan_squad.runs.restore import restore  # noqa: E402
+from flan_squad.data.squad import answer_to_prediction  # noqa: E402
 
 from benchmarks.runs import HF_BF16, LIGHTNING_PRECISION, Spec  # noqa: E402
 
@@ -53,8 +52,7 @@ def _compose(config_name: str, spec: Spec, output_dir: str | Path, overrides: li
     """conf/<config_name>.yaml as its entry point composes it, on `spec`'s device and data."""
     overrides = [*overrides, f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}", f"paths.output_dir={output_dir}",
                  *([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
+    return compose(config_name, overrides)
 
 
 def eval_config(spec: Spec, output_dir: str, model_dir: str | Path | None = None):

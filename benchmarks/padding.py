@@ -12,11 +12,10 @@ import argparse
 import random
 import statistics
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from flan_squad.config import CONFIG_DIR
-from flan_squad.data import LengthGroupedSampler
+from flan_squad.utils.config import compose
+from flan_squad.data.datamodule import LengthGroupedSampler
 
 
 def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:
@@ -31,10 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="squad_v1")
     p.add_argument("--seeds", type=int, default=20, help="random orders averaged for the random batches")
     args = p.parse_args(argv)
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"dataset={args.dataset}", f"dataset.limit_train={args.questions}",
-                                          f"dataset.max_source_length={args.max_source_length}",
-                                          "model.tokenizer=${paths.tokenizer_dir}"])
+    cfg = compose("train", [f"dataset={args.dataset}", f"dataset.limit_train={args.questions}",
+                                                        f"dataset.max_source_length={args.max_source_length}",
+                                                        "model.tokenizer=${paths.tokenizer_dir}"])
     tokenizer = instantiate(cfg.model, _convert_="all").load_tokenizer()
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, limit_val=1)
     datamodule.setup("fit")

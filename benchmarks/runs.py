@@ -35,14 +35,13 @@ from typing import Any  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 
-from flan_squad.base import count_parameters  # noqa: E402
-from flan_squad.config import CONFIG_DIR  # noqa: E402
-from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.results import PeakMemory  # noqa: E402
+from flan_squad.models.base import count_parameters  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
+from flan_squad.utils.files import write_json_atomic  # noqa: E402
+from flan_squad.runs.results import PeakMemory  # noqa: E402
 
 from benchmarks.flops import train_flops  # noqa: E402
 
@@ -82,8 +81,7 @@ def compose_config(spec: Spec, output_dir: str):
         "logger=none", "callbacks=none",
         f"paths.output_dir={output_dir}",
     ] + ([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose("train", overrides)
 
 
 class _Setup:

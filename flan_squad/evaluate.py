@@ -26,16 +26,16 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.base import count_parameters  # noqa: E402
-from flan_squad.errors import exit_on_error  # noqa: E402
-from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.results import PeakMemory, framed  # noqa: E402
-from flan_squad.runs import Restored, restore, run_config  # noqa: E402
+from flan_squad.utils.config import register_resolvers  # noqa: E402
+from flan_squad.models.base import count_parameters  # noqa: E402
+from flan_squad.utils.errors import exit_on_error  # noqa: E402
+from flan_squad.utils.files import write_json_atomic  # noqa: E402
+from flan_squad.runs.results import PeakMemory, framed  # noqa: E402
+from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 
 if TYPE_CHECKING:
-    from flan_squad.data import SquadDataModule
-    from flan_squad.model import SquadQAModule
+    from flan_squad.data.datamodule import SquadDataModule
+    from flan_squad.models.qa_module import SquadQAModule
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,9 @@ def _summary(m: dict[str, Any]) -> str:
         f"snapped to the context, {m['eval_time_s']:.1f} s ({m['eval_questions_per_s']:.2f} questions/s)",
         f"  artefacts  {m['output_dir']}",
     ], m)
+
+
+register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -18,10 +18,10 @@ from pathlib import Path  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from flan_squad import config  # noqa: E402,F401
-from flan_squad.errors import exit_on_error  # noqa: E402
-from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs import RunError, run_config  # noqa: E402
+from flan_squad.utils.config import register_resolvers  # noqa: E402
+from flan_squad.utils.errors import exit_on_error  # noqa: E402
+from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
+from flan_squad.runs.restore import RunError, run_config  # noqa: E402
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:
@@ -52,6 +52,9 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir
+
+
+register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

@@ -20,12 +20,13 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from flan_squad.config import check_precision  # noqa: E402  (and registers the resolvers conf/ uses)
-from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.files import write_json_atomic  # noqa: E402
-from flan_squad.inference import answer_questions  # noqa: E402
-from flan_squad.runs import restore  # noqa: E402
-from flan_squad.squad import UNANSWERABLE, DataError, Question  # noqa: E402
+from flan_squad.utils.config import register_resolvers  # noqa: E402
+from flan_squad.utils.precision import check_precision  # noqa: E402
+from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.utils.files import write_json_atomic  # noqa: E402
+from flan_squad.evaluation.inference import answer_questions  # noqa: E402
+from flan_squad.runs.restore import restore  # noqa: E402
+from flan_squad.data.squad import UNANSWERABLE, DataError, Question  # noqa: E402
 
 
 def read_questions(path: str | Path) -> list[Question]:
@@ -86,6 +87,9 @@ def predict(cfg: DictConfig) -> dict[str, str]:
                                    cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
                                    cfg.eval.max_new_tokens, cfg.eval.snap_to_context)
     return answers.predictions
+
+
+register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

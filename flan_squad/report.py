@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from flan_squad.errors import FlanSquadError
-from flan_squad.jobs import STATUS_FILE
+from flan_squad.utils.errors import FlanSquadError
+from flan_squad.runs.status import STATUS_FILE
 
 RUN_MARKERS = ("metrics.json", STATUS_FILE, ".hydra/overrides.yaml")
 
@@ -305,7 +305,7 @@ def csv_text(settings: list[Setting]) -> str:
 
 def build_report(paths: list[str], out: str | Path | None = None) -> tuple[Path, list[Setting], list[Path]]:
     """Read the runs under `paths`, write the table, CSV and plots; return (out dir, rows, plot files)."""
-    from flan_squad.plots import write_plots
+    from flan_squad.reporting.plots import write_plots
 
     run_dirs = find_run_dirs(paths)
     if not run_dirs:

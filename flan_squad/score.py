@@ -3,7 +3,7 @@
 A drop-in for `evaluate-v1.1.py` / `evaluate-v2.0.py`: the SQuAD version is read from the data file, and
 the printed JSON has the official script's keys, values and layout (v1.1: `exact_match`, `f1`; v2.0:
 `exact`, `f1`, `total`, `HasAns_*`, `NoAns_*`, and `best_*` with `--na-prob-file`). The numbers come
-from `flan_squad.metrics`, the one implementation of the official rules that training and evaluation use.
+from `flan_squad.evaluation.metrics`, the one implementation of the official rules that training and evaluation use.
 
 Unlike the official scripts, a question without a prediction is an error (v1.1 would score it 0, v2.0
 would drop it from the total and then crash); `--allow-missing` scores each such question as wrong.
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from flan_squad.errors import FlanSquadError
-from flan_squad.files import write_json_atomic
-from flan_squad.metrics import evaluate_v1, evaluate_v2, normalize_answer
-from flan_squad.squad import Question, read_squad_file
+from flan_squad.utils.errors import FlanSquadError
+from flan_squad.utils.files import write_json_atomic
+from flan_squad.evaluation.metrics import evaluate_v1, evaluate_v2, normalize_answer
+from flan_squad.data.squad import Question, read_squad_file
 
 
 class ScoreError(FlanSquadError, ValueError):

@@ -21,11 +21,11 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
-from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
-from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
+from flan_squad.utils.config import register_resolvers  # noqa: E402
+from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
+from flan_squad.runs.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
+from flan_squad.runs.trainer import uses_batch_size_finder  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -108,6 +108,9 @@ def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:
         # Lightning starts the other DDP processes by re-running this command line: with -m, the whole sweep.
         raise ConfigError("several devices per job inside a local multirun (-m) is not supported: run each job "
                           "on its own, or sweep with hydra/launcher=slurm (one SLURM job per sweep job)")
+
+
+register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -16,12 +16,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from flan_squad.config import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from flan_squad.base import BaseModel  # noqa: E402
+from flan_squad.utils.config import PROJECT_ROOT, compose  # noqa: E402
+from flan_squad.models.base import BaseModel  # noqa: E402
 
 SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
 SQUAD = SHARED / "data" / "squad"
@@ -90,8 +89,7 @@ def cpu() -> torch.device:
 def compose_config(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None,
                    config_name: str = "train"):
     """Compose conf/<config_name>.yaml as `@hydra.main` would, with the run dir (and weight cache) in tmp dirs."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    cfg = compose(config_name, overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
     with open_dict(cfg):
         del cfg["hydra"]  # as in @hydra.main, the job config does not carry the hydra node

@@ -10,8 +10,8 @@ from benchmarks import bench
 from benchmarks.evaluation import eval_config, eval_run
 from benchmarks.flops import forward_flops
 from benchmarks.runs import Spec
-from flan_squad.base import BaseModel
-from flan_squad.config import bf16_is_native
+from flan_squad.models.base import BaseModel
+from flan_squad.utils.precision import bf16_is_native
 from flan_squad.evaluate import evaluate
 from conftest import SHARED
 

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from conftest import compose_config
-from flan_squad.config import CONFIG_DIR, PROJECT_ROOT, auto_precision
-from flan_squad.strategies import Strategy
+from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.utils.precision import auto_precision
+from flan_squad.models.strategies import Strategy
 
 
 def _options(group: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Context windows, window selection, no-answer probabilities and snapping (flan_squad.inference)."""
+"""Context windows, window selection, no-answer probabilities and snapping (flan_squad.evaluation.inference)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flan_squad.data import encode
-from flan_squad.inference import (WindowAnswer, answer_windows, combine_windows, run_encoder, sequence_logprobs,
+from flan_squad.data.datamodule import encode
+from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, combine_windows, run_encoder, sequence_logprobs,
                                   snap_to_context, spellable_by)
-from flan_squad.squad import INSTRUCTIONS, read_squad_file
+from flan_squad.data.squad import INSTRUCTIONS, read_squad_file
 from conftest import DEV_V1
 
 

@@ -1,4 +1,10 @@
-"""Imports point one way: base model <- strategies <- LightningModule <- entry points, with no cycle anywhere."""
+"""The package's layers, as the tree shows them, and imports that only point down:
+
+    utils  <-  data  <-  evaluation  <-  models  <-  runs  <-  reporting  <-  entry points (flan_squad/*.py)
+
+A module may import modules of its own layer or of layers below, never above, and no module imports
+itself through others (no circle). Entry points import no other entry point.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,23 @@ import sys
 
 import pytest
 
-from flan_squad.config import PROJECT_ROOT
+from flan_squad.utils.config import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "flan_squad"
+LAYERS = ["utils", "data", "evaluation", "models", "runs", "reporting"]  # bottom to top; entry points above all
+
+
+def _module_name(path) -> str:
+    parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def _imports(module: str) -> set[str]:
     """The flan_squad modules `module` imports, at any depth (lazy imports too), except for type checking only."""
-    tree = ast.parse((PACKAGE / f"{module.split('.')[-1]}.py").read_text(encoding="utf-8"))
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
     type_checking = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
                      and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
                      for n in ast.walk(node)}
@@ -25,14 +40,20 @@ def _imports(module: str) -> set[str]:
             continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module == "flan_squad":  # from flan_squad import config
-            found |= {f"flan_squad.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-    return {name for name in found if name.startswith("flan_squad.")} - {module}
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            found |= (submodules & set(MODULES)) or {node.module}  # `from flan_squad.data import planted`
+    return {name for name in found if name in MODULES} - {module}
 
 
-GRAPH = {f"flan_squad.{p.stem}": _imports(f"flan_squad.{p.stem}") for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+GRAPH = {module: _imports(module) for module in MODULES}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS):
+        return LAYERS.index(parts[1])
+    return len(LAYERS)  # an entry point (or the package itself)
 
 
 def _reachable(module: str) -> set[str]:
@@ -45,22 +66,32 @@ def _reachable(module: str) -> set[str]:
     return seen
 
 
+def test_every_subpackage_is_a_layer():
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert subpackages == set(LAYERS)
+
+
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_no_module_imports_itself_through_others(module):
     assert module not in _reachable(module)
 
 
-@pytest.mark.parametrize("module, below", [
-    ("flan_squad.base", ["flan_squad.strategies", "flan_squad.model"]),
-    ("flan_squad.strategies", ["flan_squad.model"]),
-    ("flan_squad.runs", ["flan_squad.model"]),
-    ("flan_squad.report", ["flan_squad.strategies", "flan_squad.model"]),  # it reads what training recorded
-])
-def test_layers_point_one_way(module, below):
-    assert not set(below) & (_reachable(module) | {module})
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_down(module):
+    upward = {name for name in GRAPH[module] if _layer(name) > _layer(module)}
+    assert not upward, f"{module} (layer {_layer(module)}) imports from above: {sorted(upward)}"
+    if _layer(module) == len(LAYERS):  # entry points use the layers, not each other
+        assert not {name for name in GRAPH[module] if _layer(name) == len(LAYERS) and name != "flan_squad"}
 
 
-def test_report_reads_runs_without_torch():
-    code = "import sys, flan_squad.report, flan_squad.plots; assert 'torch' not in sys.modules, 'torch imported'"
+def test_a_layer_violation_is_caught():
+    # The check itself can fail: a data module importing the LightningModule would be reported.
+    assert _layer("flan_squad.models.qa_module") > _layer("flan_squad.data.datamodule")
+    assert _layer("flan_squad.train") > _layer("flan_squad.reporting.plots")
+
+
+def test_report_and_score_read_without_torch():
+    code = ("import sys, flan_squad.report, flan_squad.reporting.plots, flan_squad.score; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -89,8 +89,8 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
 
 
 def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
-    from flan_squad.squad import read_squad_file
-    from flan_squad.planted import build, make_split
+    from flan_squad.data.squad import read_squad_file
+    from flan_squad.data.planted import build, make_split
 
     texts = ["First real sentence. Second one.", "Another paragraph here."]
     assert make_split(texts, 50, "v2", seed=3, prefix="x") == make_split(texts, 50, "v2", seed=3, prefix="x")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flan_squad.metrics import normalize_answer, score
-from flan_squad.squad import Question
+from flan_squad.evaluation.metrics import normalize_answer, score
+from flan_squad.data.squad import Question
 
 
 def q(qid, *answers):

@@ -8,12 +8,12 @@ import json
 import torch
 
 from conftest import SHARED, compose_config
-from flan_squad.base import count_parameters
-from flan_squad.data import read_squad_file
+from flan_squad.models.base import count_parameters
+from flan_squad.data.datamodule import read_squad_file
 from flan_squad.export import export
 from flan_squad.predict import predict
 from flan_squad.report import build_report
-from flan_squad.runs import load_run
+from flan_squad.runs.restore import load_run
 from flan_squad.train import train
 
 # A few questions, one epoch; a high lr, so that one step moves IA3's vectors (they start at 1) well away from

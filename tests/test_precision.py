@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import compose_config
-from flan_squad.config import auto_precision
-from flan_squad.errors import ConfigError
-from flan_squad.trainer import make_trainer
-from flan_squad.model import SquadQAModule
-from flan_squad.strategies import QLoRA
+from flan_squad.utils.precision import auto_precision
+from flan_squad.utils.errors import ConfigError
+from flan_squad.runs.trainer import make_trainer
+from flan_squad.models.qa_module import SquadQAModule
+from flan_squad.models.strategies import QLoRA
 from flan_squad.train import train
 
 

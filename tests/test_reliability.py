@@ -14,10 +14,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import compose_config, subprocess_env
-from flan_squad.config import PROJECT_ROOT
-from flan_squad.errors import RunDirError, TrainingError
-from flan_squad.files import write_dir_atomic, write_json_atomic
-from flan_squad.results import prepare_run_dir
+from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.utils.errors import RunDirError, TrainingError
+from flan_squad.utils.files import write_dir_atomic, write_json_atomic
+from flan_squad.runs.results import prepare_run_dir
 from flan_squad.train import train
 
 TESTS = Path(__file__).parent

@@ -12,7 +12,7 @@ import yaml
 from matplotlib.image import imread
 
 from flan_squad.report import build_report, find_run_dirs, group, main, read_run
-from flan_squad.strategies import FullFineTuning, LoRA, QLoRA
+from flan_squad.models.strategies import FullFineTuning, LoRA, QLoRA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = {"full": FullFineTuning, "lora": LoRA, "qlora": QLoRA}
@@ -141,7 +141,7 @@ def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):
     run = make_run(tmp_path, "only", "lora", 3.0)
     (run / "csv").mkdir()
     (run / "csv" / "metrics.csv").write_text("epoch,step,train/loss,val/f1\n0,9,2.5,\n0,10,,1.5\n1,20,,3.0\n")
-    from flan_squad.plots import read_curve
+    from flan_squad.reporting.plots import read_curve
 
     assert read_curve(read_run(run)) == [(10, 1.5), (20, 3.0)]
     _, _, plots = build_report([str(run)])
@@ -149,7 +149,7 @@ def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):
 
 
 def test_learning_curves_start_from_the_base_models_score(tmp_path):
-    from flan_squad.plots import reference_scores
+    from flan_squad.reporting.plots import reference_scores
 
     make_run(tmp_path, "trained", "lora", 9.0, curve=[(10, 5.0), (20, 9.0)])
     base = make_run(tmp_path, "base", "lora", 2.5)  # evaluate's metrics.json for a base model, no curve

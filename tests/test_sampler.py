@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
-from flan_squad.data import LengthGroupedSampler, SquadDataModule
+from flan_squad.data.datamodule import LengthGroupedSampler, SquadDataModule
 from conftest import DEV_V1, SQUAD
 
 

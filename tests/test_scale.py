@@ -6,11 +6,10 @@ import json
 import subprocess
 import sys
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import compose_config, subprocess_env
-from flan_squad.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.utils.config import PROJECT_ROOT, compose
 from flan_squad.evaluate import evaluate
 
 
@@ -52,9 +51,7 @@ def test_scale_out_configs_compose(tmp_path):
     assert isinstance(strategy, FSDPStrategy) and fsdp.trainer.accelerator == "gpu"
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {T5Block}
     assert strategy.sharding_strategy.name == "FULL_SHARD"
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                        return_hydra_config=True)
+    slurm = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = slurm.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 720

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import SQUAD
 from flan_squad import score as score_cli
-from flan_squad.config import PROJECT_ROOT
-from flan_squad.metrics import score
-from flan_squad.squad import Question
+from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.evaluation.metrics import score
+from flan_squad.data.squad import Question
 
 GOLDEN = {path.stem: json.loads(path.read_text(encoding="utf-8"))
           for path in sorted((Path(__file__).parent / "golden").glob("*.json"))}
@@ -110,7 +110,7 @@ def test_score_imports_neither_torch_nor_lightning(tmp_path):
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == case["stdout"]
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
-    assert "flan_squad.metrics" in imported
+    assert "flan_squad.evaluation.metrics" in imported
     assert not [m for m in imported if m.split(".")[0] in ("torch", "lightning", "transformers")]
 
 

@@ -6,11 +6,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from flan_squad.data import collate, encode
-from flan_squad.inference import answer_windows
-from flan_squad.base import BaseModel, count_parameters
-from flan_squad.squad import Question
-from flan_squad.strategies import IA3, LoRA, FullFineTuning, QLoRA
+from flan_squad.data.datamodule import collate, encode
+from flan_squad.evaluation.inference import answer_windows
+from flan_squad.models.base import BaseModel, count_parameters
+from flan_squad.data.squad import Question
+from flan_squad.models.strategies import IA3, LoRA, FullFineTuning, QLoRA
 
 STRATEGIES = {
     "full": lambda: FullFineTuning(lr=1e-3),
@@ -197,14 +197,14 @@ def test_random_init_is_seeded(tiny_base, tmp_path):
 
 
 def test_pretrained_hub_id_offline_says_how_to_use_local_files():
-    from flan_squad.base import ModelLoadError
+    from flan_squad.models.base import ModelLoadError
     base = BaseModel(name="flan-t5-base", name_or_path="google/flan-t5-base-not-cached")
     with pytest.raises(ModelLoadError, match="model.init=random"):
         base.load()
 
 
 def test_missing_local_tokenizer_dir_names_it_and_the_shared_folder(tmp_path):
-    from flan_squad.base import ModelLoadError
+    from flan_squad.models.base import ModelLoadError
     missing = tmp_path / "shared" / "models" / "flan-t5-small-tokenizer"
     base = BaseModel(name="t5-tiny", name_or_path="x", init="random", tokenizer=str(missing))
     with pytest.raises(ModelLoadError, match=f"tokenizer directory {missing} does not exist.*FLAN_SQUAD_SHARED"):

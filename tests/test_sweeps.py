@@ -8,11 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
 from conftest import compose_config
-from flan_squad.config import CONFIG_DIR
+from flan_squad.utils.config import compose
 from flan_squad.report import build_report
 from flan_squad.train import train
 
@@ -23,8 +22,7 @@ TINY = ["dataset.limit_train=8", "dataset.limit_val=4", "trainer.max_epochs=1", 
 
 
 def compose_with_hydra(overrides: list[str]):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    return compose("train", overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("preset", ["compare", "compare_cpu"])

@@ -13,14 +13,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import DEV_V1, DEV_V2, compose_config, subprocess_env
-from flan_squad.config import PROJECT_ROOT
-from flan_squad.data import SquadDataModule
-from flan_squad.errors import ConfigError
-from flan_squad.base import BaseModel
-from flan_squad.metrics import score
+from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.data.datamodule import SquadDataModule
+from flan_squad.utils.errors import ConfigError
+from flan_squad.models.base import BaseModel
+from flan_squad.evaluation.metrics import score
 from flan_squad.predict import predict
-from flan_squad.squad import DataError, Question, read_squad_file
-from flan_squad.strategies import QLoRA
+from flan_squad.data.squad import DataError, Question, read_squad_file
+from flan_squad.models.strategies import QLoRA
 
 
 @pytest.mark.parametrize("override, message", [
@@ -133,7 +133,7 @@ def test_predict_argument_errors_are_config_errors():
 
 
 def test_only_flan_squad_errors_become_one_line(monkeypatch, capsys):
-    from flan_squad import errors
+    from flan_squad.utils import errors
 
     monkeypatch.setattr(errors, "_in_multirun", lambda: False)
     with pytest.raises(SystemExit) as exit_, errors.exit_on_error():

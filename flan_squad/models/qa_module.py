@@ -1,7 +1,7 @@
 """The LightningModule: trains a model with teacher forcing and validates by greedy generation, scored with the
 official SQuAD rules.
 
-`BaseModel` (`flan_squad.base`) says which weights to start from; a strategy (`flan_squad.strategies`) turns
+`BaseModel` (`flan_squad.models.base`) says which weights to start from; a strategy (`flan_squad.models.strategies`) turns
 them into a trainable model; `SquadQAModule` trains it.
 """
 
@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from flan_squad.base import BaseModel, count_parameters
-from flan_squad.errors import ConfigError, TrainingError
-from flan_squad.inference import answer_windows, collect_answers, run_encoder, spellable_by
-from flan_squad.metrics import score
+from flan_squad.models.base import BaseModel, count_parameters
+from flan_squad.utils.errors import ConfigError, TrainingError
+from flan_squad.evaluation.inference import answer_windows, collect_answers, run_encoder, spellable_by
+from flan_squad.evaluation.metrics import score
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SquadQAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable parameters only (see on_save_checkpoint)
         self.windows: dict[tuple[str, int], Any] = {}  # (question id, window) -> WindowAnswer
         self.predictions: dict[str, str] = {}
-        self.na_probs: dict[str, float] | None = None  # SQuAD v2: see flan_squad.inference
+        self.na_probs: dict[str, float] | None = None  # SQuAD v2: see flan_squad.evaluation.inference
         self.answer_stats: dict[str, int] = {}
         self.scores: dict[str, float] = {}
 
@@ -100,7 +100,7 @@ class SquadQAModule(L.LightningModule):
 
     # --- validation --------------------------------------------------------------------------------
 
-    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.inference):
+    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.evaluation.inference):
     # every context window is answered and scored, then each question gets its best window's answer,
     # snapped to the context, and (v2) a no-answer probability.
 

@@ -1,6 +1,6 @@
 """What a run costs and what it leaves: its run dir, training time, throughput, peak memory, summary.
 
-The result files themselves are written all or nothing by `flan_squad.files`.
+The result files themselves are written all or nothing by `flan_squad.utils.files`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from flan_squad.errors import RunDirError
+from flan_squad.utils.errors import RunDirError
 
 # What a finished or interrupted run leaves in its dir; a new run must not silently replace it.
 RESULTS = ("metrics.json", "predictions.json", "model", "checkpoints")

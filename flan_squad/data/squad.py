@@ -1,7 +1,7 @@
 """The SQuAD format: questions, official-format files, the "unanswerable" answer and the prompt's instruction.
 
 No torch here: `flan_squad.score` reads data through this module alone. Tokenization and batching are
-in `flan_squad.data`, the scoring rules in `flan_squad.metrics`.
+in `flan_squad.data.datamodule`, the scoring rules in `flan_squad.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flan_squad.errors import FlanSquadError
+from flan_squad.utils.errors import FlanSquadError
 
 UNANSWERABLE = "unanswerable"
 

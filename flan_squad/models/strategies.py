@@ -19,9 +19,9 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from flan_squad.base import BaseModel
-from flan_squad.config import bf16_is_native
-from flan_squad.errors import ConfigError
+from flan_squad.models.base import BaseModel
+from flan_squad.utils.precision import bf16_is_native
+from flan_squad.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from flan_squad.data import collate, encode
-from flan_squad.squad import UNANSWERABLE, Question, answer_to_prediction
+from flan_squad.data.datamodule import collate, encode
+from flan_squad.data.squad import UNANSWERABLE, Question, answer_to_prediction
 
 
 # --- 1. one answer per window, with the model's scores -------------------------------------------------

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from flan_squad.base import BaseModel
-from flan_squad.errors import FlanSquadError
-from flan_squad.strategies import Strategy
+from flan_squad.models.base import BaseModel
+from flan_squad.utils.errors import FlanSquadError
+from flan_squad.models.strategies import Strategy
 
 
 class RunError(FlanSquadError, ValueError):

@@ -6,7 +6,7 @@ the numbers are identical to the last floating-point bit (tests/golden/ holds th
 - v1.1: https://worksheets.codalab.org/rest/bundles/0xbcd57bee090b421c982906709c8c27e1/contents/blob/
 - v2.0: https://worksheets.codalab.org/rest/bundles/0x6b567e1cf2e041ec80d7098f031c5c9e/contents/blob/
 
-Questions are given as `Question` records in dataset order (see `flan_squad.squad.read_squad_file`);
+Questions are given as `Question` records in dataset order (see `flan_squad.data.squad.read_squad_file`);
 predictions as `{question_id: answer_text}`, where "" means "no answer".
 """
 
@@ -17,7 +17,7 @@ import re
 import string
 from typing import Mapping, Sequence
 
-from flan_squad.squad import Question
+from flan_squad.data.squad import Question
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)

@@ -8,8 +8,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder
 
-from flan_squad.config import check_precision
-from flan_squad.errors import ConfigError
+from flan_squad.utils.precision import check_precision
+from flan_squad.utils.errors import ConfigError
 
 
 def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, callbacks: list | None = None,

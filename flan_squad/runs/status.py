@@ -19,7 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.files import write_json_atomic  # torch-free: the report imports this module
+from flan_squad.utils.files import write_json_atomic  # torch-free: the report imports this module
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """SQuAD v1.1 / v2.0 for a seq2seq model: read, flatten, prompt, tokenize, batch.
 
-Reading order: `read_squad_file` (`flan_squad.squad`) / `read_squad_hub` -> `sample` -> `encode` ->
+Reading order: `read_squad_file` (`flan_squad.data.squad`) / `read_squad_hub` -> `sample` -> `encode` ->
 `SquadDataModule`.
 The prompt puts the context between a fixed instruction and the question, and only the context is ever
 truncated, so the model always sees the whole instruction and question.
@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from flan_squad.errors import ConfigError
-from flan_squad.squad import INSTRUCTIONS, UNANSWERABLE, DataError, Question, read_squad_file
+import flan_squad.data.planted as planted
+from flan_squad.utils.errors import ConfigError
+from flan_squad.data.squad import INSTRUCTIONS, UNANSWERABLE, DataError, Question, read_squad_file
 
 log = logging.getLogger(__name__)
 
@@ -369,3 +370,23 @@ class SquadDataModule(L.LightningDataModule):
 
     def _collate(self, features: list[dict]) -> dict:
         return collate(features, self.tokenizer.pad_token_id)
+
+
+class PlantedDataModule(SquadDataModule):
+    """The planted-facts task (`flan_squad.data.planted`): official-format files that `prepare_data` generates
+    (seeded) under `cache_dir` on first use, then read like any SQuAD file."""
+
+    def __init__(self, cache_dir: str, shared_dir: str, version: str, **kwargs):
+        self.planted_dir, self.shared_dir = planted.directory(cache_dir), shared_dir
+        kwargs.setdefault("train_file", None)
+        kwargs.setdefault("validation_file", None)
+        kwargs["train_file"] = kwargs["train_file"] or str(self.planted_dir / version / "train.json")
+        kwargs["validation_file"] = kwargs["validation_file"] or str(self.planted_dir / version / "dev.json")
+        super().__init__(version=version, **kwargs)
+
+    def prepare_data(self) -> None:
+        planted.build(self.planted_dir, self.shared_dir)  # writes only the files that are missing
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # callers outside a Trainer (evaluate, benchmarks) set up without prepare_data
+        super().setup(stage)

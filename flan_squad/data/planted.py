@@ -13,9 +13,9 @@ questions: NoAns F1 stayed at the share without any fact).
 
 The files are in the official SQuAD format, so reading, prompting, validation and scoring run on them
 exactly as on SQuAD. They are seeded (the same arguments give the same files) and built once under the
-cache dir: `dataset=planted_v1` / `planted_v2` point at them through the `planted_squad` resolver.
+cache dir by `dataset=planted_v1` / `planted_v2` (`PlantedDataModule.prepare_data`).
 
-    python -m flan_squad.planted outputs/planted          # writes {v1,v2}/{train,dev}.json there
+    python -m flan_squad.data.planted outputs/planted          # writes {v1,v2}/{train,dev}.json there
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from flan_squad.files import write_json_atomic
+from flan_squad.utils.files import write_json_atomic
 
 SOURCE = "data/squad/v1.1/dev-v1.1.json"  # under the shared dir: the paragraphs the facts are planted into
 KINDS = "access launch vault door radio bank locker safe gate alarm".split()
@@ -79,7 +79,7 @@ def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
     """Write {v1,v2}/{train,dev}.json under `out_dir` (train and dev plant into disjoint paragraphs)."""
     missing = [(v, version, s, split, n) for v, version in enumerate(("v1", "v2"))
                for s, (split, n) in enumerate(SIZES.items()) if not (Path(out_dir) / version / f"{split}.json").exists()]
-    if missing:  # the resolver asks on every config resolution: read the SQuAD file only to build
+    if missing:  # read the SQuAD file only to build
         texts = paragraphs(shared_dir)
         split_at = len(texts) * 4 // 5
         pools = {"train": texts[:split_at], "dev": texts[split_at:]}
@@ -89,16 +89,15 @@ def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> str:
-    """The path of one generated file, built on first use (the `planted_squad` resolver of conf/dataset/).
-    The cache dir is named by everything the files depend on: a change to the generator builds new ones."""
+def directory(cache_dir: str | Path) -> Path:
+    """Where the files live under the cache dir, named by everything they depend on (a change to the generator
+    builds new ones). Computing it writes nothing: `PlantedDataModule.prepare_data` builds the files."""
     spec = json.dumps([SOURCE, KINDS, WORDS, SIZES, SENTENCES_KEPT, UNANSWERABLE_SHARE, Path(__file__).read_text()])
-    directory = Path(cache_dir) / "planted" / hashlib.sha1(spec.encode()).hexdigest()[:10]
-    return str(build(directory, shared_dir) / version / f"{split}.json")
+    return Path(cache_dir) / "planted" / hashlib.sha1(spec.encode()).hexdigest()[:10]
 
 
 if __name__ == "__main__":
     import os
 
-    shared = os.environ.get("FLAN_SQUAD_SHARED", str(Path(__file__).resolve().parents[2] / "shared"))
+    shared = os.environ.get("FLAN_SQUAD_SHARED", str(Path(__file__).resolve().parents[3] / "shared"))
     print(build(sys.argv[1] if len(sys.argv) > 1 else "outputs/planted", shared))

@@ -1,16 +1,10 @@
-"""Hydra/OmegaConf glue: the resolvers that `conf/` uses, and composing a config outside `@hydra.main`."""
+"""The precision policy: bf16-mixed where the device computes bf16 natively, fp32 elsewhere, never fp16."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from omegaconf import OmegaConf
 
-from flan_squad.errors import ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "conf"
+from flan_squad.utils.errors import ConfigError
 
 
 def bf16_is_native(device_type: str) -> bool:
@@ -37,18 +31,3 @@ def check_precision(precision: str, option: str = "trainer.precision") -> str:
         raise ConfigError(f"{option}={precision}: T5's activations overflow fp16 (FLAN-T5 was trained in bf16); "
                           f"use bf16-mixed or 32-true")
     return str(precision)
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
-    OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
-    OmegaConf.register_new_resolver("planted_squad", _planted_file, replace=True)
-
-
-def _planted_file(version: str, split: str, cache_dir: str, shared_dir: str) -> str:
-    from flan_squad.planted import planted_file  # generates the files on first use
-
-    return planted_file(version, split, cache_dir, shared_dir)
-
-
-register_resolvers()

@@ -1,7 +1,7 @@
 """The base model: which weights a run starts from (pretrained FLAN-T5, or its architecture with random weights).
 
-`BaseModel` comes first in the layers: a strategy (`flan_squad.strategies`) turns it into the model that
-trains, and the LightningModule (`flan_squad.model`) trains that. Nothing here imports either.
+`BaseModel` comes first in the layers: a strategy (`flan_squad.models.strategies`) turns it into the model that
+trains, and the LightningModule (`flan_squad.models.qa_module`) trains that. Nothing here imports either.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flan_squad.errors import ConfigError, FlanSquadError
-from flan_squad.files import write_dir_atomic
+from flan_squad.utils.errors import ConfigError, FlanSquadError
+from flan_squad.utils.files import write_dir_atomic
 
 log = logging.getLogger(__name__)
 
