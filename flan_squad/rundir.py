@@ -7,6 +7,9 @@
   `prepare_run_dir` a place to set the previous run's files aside (`.previous-<pid>/` in the dir) until the
   new run has finished: they are deleted when it succeeds and put back when it fails. A run that fails with
   exit status 2 writes `status.json` (a sweep job's is written by `jobs.JobStatus`).
+- `RunDirCheck` (a Hydra callback) does the checks that must come before Hydra creates the dir and writes its
+  `.hydra/` there, and keeps the previous `.hydra/` to be put back with the previous run.
+- `check_checkpoint`: only local files that are whole checkpoints are resumed from.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ log = logging.getLogger(__name__)
 # What a finished or interrupted run leaves in its dir; a new run must not silently replace it.
 RESULTS = ("metrics.json", "predictions.json", "model", "checkpoints")
 # Everything a run writes into its dir: set aside together, so that no file of an old run survives beside a
-# new one's (na_probs.json of a v2 run beside v1 results, say). Hydra's own .hydra/ and <job>.log are not ours.
+# new one's (na_probs.json of a v2 run beside v1 results, say). Hydra writes .hydra/ itself (see RunDirCheck) and
+# appends to <job>.log.
 RUN_FILES = (*RESULTS, "na_probs.json", "status.json", "config.yaml", "tensorboard", "csv")
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 

@@ -116,7 +116,9 @@ def test_resume_needs_a_checkpoint_and_an_unfinished_run(tmp_path):
     with pytest.raises(RunDirError, match="nothing to resume: no checkpoint at .*last.ckpt"):
         prepare_run_dir(tmp_path, resume=True, ckpt_path=None, overwrite=False)
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_text("x")
+    import torch
+
+    torch.save({"global_step": 1}, tmp_path / "checkpoints" / "last.ckpt")
     assert prepare_run_dir(tmp_path, resume=True, ckpt_path=None, overwrite=False).endswith("last.ckpt")
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(RunDirError, match="finished run"):
