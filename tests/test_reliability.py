@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def _env() -> dict:
 # in batches of 16, 16 steps an epoch; last.ckpt every 4 steps. Killed as step 22 starts (epoch 2, its 7th batch):
 # last.ckpt holds step 20, and steps 20-21 are lost with the process.
 LEARNS = ["experiment=learning_check", "strategy=full", "strategy.lr=1e-2", "dataset.limit_train=256",
-          "dataset.limit_val=50", "trainer.max_epochs=2", "trainer.precision=32-true", "logger=none",
+          "dataset.limit_val=50", "trainer.max_epochs=2", "trainer.precision=32-true", "logger=csv",
           "model.architecture.dropout_rate=0.1", "callbacks.last_checkpoint.every_n_train_steps=4"]
 
 
@@ -66,7 +66,11 @@ def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(t
     # The same run without the interruption: same batches, dropout masks, optimizer and schedule give the same weights.
     reference_dir = tmp_path / "uninterrupted"
     reference = train(compose_config(LEARNS, output_dir=reference_dir, cache=cache_dir))
-    assert reference["f1"] > 0  # it learned (an untrained model scores 0): its answers depend on its weights
+    with open(reference_dir / "csv" / "metrics.csv", newline="") as f:
+        val_losses = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    # It learned (validation loss 1.6 after 2 epochs, measured; ln(32128) = 10.4 untrained): its answers depend
+    # on its weights (F1 4 here, 0 untrained).
+    assert val_losses[-1] < 3, val_losses
     for name in ("checkpoints/last.ckpt", f"{metrics['best_checkpoint']}"):  # the final weights, and the best
         resumed_weights = torch.load(run_dir / name, weights_only=True)["state_dict"]
         reference_weights = torch.load(reference_dir / name, weights_only=True)["state_dict"]
