@@ -233,14 +233,23 @@ class LoaderPosition:
     """
 
     def __init__(self):
-        self.yielded = 0  # batches of the current epoch handed out (each one trained on before the next is asked for)
-        self.skip = 0  # batches to pass over at the start of the next iteration: those trained on before a resume
+        self.epoch: int | None = None  # the sampler's epoch being iterated
+        self.yielded = 0  # batches of it handed out (each one trained on before the next is asked for)
+        self.resume_at: tuple[int | None, int] | None = None  # (epoch, batches) trained on before a resume
 
     def state_dict(self) -> dict:
-        return {"batches_yielded": self.yielded}
+        return {"epoch": self.epoch, "batches_yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skip = int(state.get("batches_yielded", 0))
+        self.resume_at = (state.get("epoch"), int(state.get("batches_yielded", 0)))
+
+    def start(self, epoch: int | None) -> int:
+        """An iteration over `epoch` begins: how many of its batches to skip."""
+        resume_at, self.resume_at = self.resume_at, None
+        # A checkpoint written after an epoch's last batch resumes with the next epoch: nothing of it to skip.
+        skip = resume_at[1] if resume_at and resume_at[0] in (epoch, None) else 0
+        self.epoch, self.yielded = epoch, skip
+        return skip
 
 
 class ResumableDataLoader(DataLoader):
@@ -256,9 +265,7 @@ class ResumableDataLoader(DataLoader):
         self.position = position or LoaderPosition()
 
     def __iter__(self):
-        # A checkpoint written after an epoch's last batch resumes at the start of the next epoch: skip nothing.
-        skip = self.position.skip % max(1, len(self))
-        self.position.skip, self.position.yielded = 0, skip
+        skip = self.position.start(getattr(self.sampler, "epoch", None))  # Lightning has set the sampler's epoch
         batches = super().__iter__()
         for index, batch in enumerate(batches):
             if index < skip:

@@ -85,6 +85,27 @@ def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(t
     assert metrics["f1"] == reference["f1"] and metrics["best_checkpoint"] == reference["best_checkpoint"]
 
 
+def test_the_loader_position_skips_only_what_its_epoch_trained_on():
+    from flan_squad.data import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
+
+    def loader(position: LoaderPosition, epoch: int) -> ResumableDataLoader:
+        sampler = LengthGroupedSampler([1] * 10, batch_size=2, seed=0)
+        sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        return ResumableDataLoader(list(range(10)), batch_size=2, sampler=sampler, position=position)
+
+    epoch_1 = [batch.tolist() for batch in loader(LoaderPosition(), 1)]
+    saved = LoaderPosition()
+    for i, _ in enumerate(loader(saved, 1)):
+        if i == 2:  # a checkpoint written after the third batch of epoch 1
+            break
+    resumed = LoaderPosition()
+    resumed.load_state_dict(saved.state_dict())
+    assert [batch.tolist() for batch in loader(resumed, 1)] == epoch_1[3:]
+    # after an epoch's last batch (also one cut short by trainer.limit_train_batches) the next epoch runs whole
+    resumed.load_state_dict({"epoch": 1, "batches_yielded": 3})
+    assert len(list(loader(resumed, 2))) == 5
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
     cfg = compose_config(RUN + ["+callbacks.poison._target_=fault_injection.PoisonWeightsAtStep",
                                 "+callbacks.poison.step=5"], output_dir=tmp_path, cache=cache_dir)
