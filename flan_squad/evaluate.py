@@ -31,6 +31,7 @@ from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
 from flan_squad.runs.results import PeakMemory, framed  # noqa: E402
+from flan_squad.runs.rundir import owns_run_dir  # noqa: E402
 from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind)
 
 
+@owns_run_dir  # one writer
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("run_dir"):
         run_config(cfg.run_dir)  # a bad run_dir fails at once, before the Trainer and the model start

@@ -21,22 +21,26 @@ from omegaconf import DictConfig  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs.restore import RunError, run_config  # noqa: E402
+from flan_squad.runs.rundir import check_directory, hold  # noqa: E402
+from flan_squad.runs.restore import RunError, build_section, restore_weights, run_config  # noqa: E402
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:
-    from hydra.utils import instantiate
+    with hold(check_directory(output_dir, "output_dir")):  # checked before the (slow) merge; one writer
+        return _export(Path(run_dir), Path(output_dir))
+
+
+def _export(run_dir: Path, output_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
-    run_dir, output_dir = Path(run_dir), Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         # never overwrite; and a dir holding adapter files would re-apply them on load
         raise RunError(f"output_dir={output_dir}: exists and is not empty; export into a new dir")
     cfg = run_config(run_dir)
-    base = instantiate(cfg.model, _convert_="all")
-    strategy = instantiate(cfg.strategy, _convert_="all")
+    base = build_section(run_dir, cfg, "model")
+    strategy = build_section(run_dir, cfg, "strategy")
     model_dir = run_dir / "model"
-    model = strategy.export(model_dir, base)
+    model = restore_weights(run_dir, lambda directory: strategy.export(directory, base))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def write(staging: Path) -> None:

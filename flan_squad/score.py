@@ -44,6 +44,13 @@ def read_json_object(path: str | Path, what: str, value_type: type | tuple) -> d
     return data
 
 
+def check_probabilities(path: str | Path, na_probs: Mapping[str, float]) -> None:
+    """No-answer probabilities are in [0, 1]: anything else (NaN included) would move the best threshold silently."""
+    for key, value in na_probs.items():
+        if not 0 <= value <= 1:
+            raise ScoreError(f"{path}: the no-answer probability for {key!r} is {value}: expected a number in [0, 1]")
+
+
 def wrong_answer(question: Question) -> str:
     """A prediction that scores 0 on `question` under both versions' rules: non-empty, no shared token."""
     gold_tokens = {t for a in question.answers for t in normalize_answer(a).split()}
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             if version != "v2":
                 raise ScoreError(f"--na-prob-file: {args.data_file} is SQuAD v1.1 data, which has no no-answer scores")
             na_probs = read_json_object(args.na_prob_file, "no-answer probability", (int, float))
+            check_probabilities(args.na_prob_file, na_probs)
         result, missing = official_scores(version, questions, predictions, na_probs, args.na_prob_thresh,
                                           args.allow_missing)
     except FlanSquadError as e:  # a DataError or a ScoreError: the message names the file

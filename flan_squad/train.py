@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
+from flan_squad.runs.results import CostMonitor, summary  # noqa: E402
+from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
 from flan_squad.runs.trainer import uses_batch_size_finder  # noqa: E402
 
 
@@ -34,12 +35,13 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if "_target_" in c]
 
 
+@owns_run_dir  # one writer; the previous results are kept until this run has finished
 def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # DDP children re-run this after rank 0 has checked (and, with overwrite, cleared) the run dir.
+    # DDP children re-run this after rank 0 has checked (and, with overwrite, set aside) the run dir.
     ckpt_path = prepare_run_dir(output_dir, cfg.resume, cfg.ckpt_path, cfg.overwrite)
-    if _is_rank_zero():
+    if is_rank_zero():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -94,11 +96,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(output_dir / "metrics.json", metrics)
         print(summary(metrics, output_dir), flush=True)
     return metrics
-
-
-def _is_rank_zero() -> bool:
-    # Before the Trainer exists: DDP child processes are started with their rank in the environment.
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
 
 
 def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -36,3 +38,17 @@ class PoisonWeightsAtStep(L.Callback):
                 for p in pl_module.parameters():
                     if p.requires_grad:
                         p.fill_(math.nan)
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process as step `step` starts: no chance to clean up, as with `kill -9` or the OOM killer.
+
+    The rolling checkpoint written before it stays on disk; the steps trained since are lost.
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -42,7 +42,7 @@ def _imports(module: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             submodules = {f"{node.module}.{alias.name}" for alias in node.names}
-            found |= (submodules & set(MODULES)) or {node.module}  # `from flan_squad.data import planted`
+            found |= (submodules & set(MODULES)) or {node.module}  # `from flan_squad.models import strategies`
     return {name for name in found if name in MODULES} - {module}
 
 

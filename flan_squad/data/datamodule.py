@@ -224,33 +224,61 @@ class _Features(torch.utils.data.Dataset):
                 "labels": self.encoded.labels[j]}
 
 
+class LoaderPosition:
+    """How far into its epoch the training loader is: saved in every checkpoint, restored on resume.
+
+    Shared by a `SquadDataModule` and its training loader (and any copy Lightning makes of that loader), because
+    the datamodule's state is restored before the loader exists, and Lightning's own restoring of a loader's state
+    comes too late once `trainer.estimated_stepping_batches` (which the learning-rate schedule needs in
+    `configure_optimizers`) has built the loader: the epoch would then restart from its first batch.
+    """
+
+    def __init__(self):
+        self.epoch: int | None = None  # the sampler's epoch being iterated
+        self.yielded = 0  # batches of it handed out (each one trained on before the next is asked for)
+        self.resume_at: tuple[int | None, int] | None = None  # (epoch, batches) trained on before a resume
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = (state.get("epoch"), int(state.get("batches_yielded", 0)))
+
+    def start(self, epoch: int | None) -> int:
+        """An iteration over `epoch` begins: how many of its batches to skip."""
+        resume_at, self.resume_at = self.resume_at, None
+        # A checkpoint written after an epoch's last batch resumes with the next epoch: nothing of it to skip.
+        skip = resume_at[1] if resume_at and resume_at[0] in (epoch, None) else 0
+        self.epoch, self.yielded = epoch, skip
+        return skip
+
+
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that can resume mid-epoch: Lightning stores `state_dict()` in each checkpoint and calls
-    `load_state_dict()` on resume; the next epoch then skips the batches that were already trained on.
+    """A DataLoader that can resume mid-epoch: its `LoaderPosition` goes into each checkpoint, and after a resume
+    the epoch skips the batches that were already trained on.
 
     Needs a sampler whose order is fixed per epoch (`LengthGroupedSampler`, or Lightning's DistributedSampler).
     A sized loader is not prefetched by Lightning, so the count is of batches really consumed.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, position: LoaderPosition | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._yielded = self._skip = 0
+        self.position = position or LoaderPosition()
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._yielded = skip
+        skip = self.position.start(getattr(self.sampler, "epoch", None))  # Lightning has set the sampler's epoch
         batches = super().__iter__()
-        for position, batch in enumerate(batches):
-            if position < skip:
+        for index, batch in enumerate(batches):
+            if index < skip:
                 continue  # already trained on before the interruption
-            self._yielded += 1
+            self.position.yielded += 1
             yield batch
 
-    def state_dict(self) -> dict:
-        return {"batches_yielded": self._yielded}
+    def state_dict(self) -> dict:  # also saved by Lightning's fit loop, which then does not warn on resume
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._skip = int(state.get("batches_yielded", 0))
+        self.position.load_state_dict(state)
 
 
 # --- the LightningDataModule -------------------------------------------------------------------------
@@ -308,6 +336,13 @@ class SquadDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}
         self._train: Encoded | None = None
         self._val: Encoded | None = None
+        self.train_position = LoaderPosition()
+
+    def state_dict(self) -> dict:  # Lightning saves it in every checkpoint and restores it first on resume
+        return {"train_loader": self.train_position.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_position.load_state_dict(state.get("train_loader", {}))
 
     def _read(self, file: str | None, split: str, limit: int | None) -> tuple[list[Question], str]:
         if file:
@@ -356,7 +391,7 @@ class SquadDataModule(L.LightningDataModule):
             num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
             # Worker seeds from a generator of their own, not the global RNG: the global RNG then drives
             # dropout alone, and a resumed run draws the same masks as an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed), position=self.train_position,
         )
 
     def val_dataloader(self) -> DataLoader:

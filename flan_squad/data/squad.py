@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flan_squad.utils.errors import FlanSquadError
+
+log = logging.getLogger(__name__)
 
 UNANSWERABLE = "unanswerable"
 
@@ -63,6 +66,17 @@ def read_squad_file(path: str | Path) -> tuple[str, list[Question]]:
     return version, list(questions)
 
 
+def _version(declared: Any, path: Path) -> str:
+    """"v1" or "v2" from a file's `version`; one that is neither SQuAD's 1.1 nor 2.0 is warned about (as the official
+    v1.1 script does: "Evaluation expects v-1.1, but got dataset with v-..."), not silently read as v1.1."""
+    version = {"1.1": "v1", "2.0": "v2"}.get(str(declared).lstrip("v"))
+    if version is None:
+        version = "v2" if str(declared).lstrip("v").startswith("2") else "v1"
+        log.warning("%s: version %s is neither SQuAD 1.1 nor 2.0: read and scored with the SQuAD %s rules",
+                    path, "missing" if declared is None else repr(declared), "2.0" if version == "v2" else "1.1")
+    return version
+
+
 # Keyed by the file's bytes, so an edited file is parsed again: a multirun's jobs (and the tests) read the same
 # few files many times in one process, and parsing SQuAD dev costs ~0.1 s a time.
 @functools.lru_cache(maxsize=4)
@@ -88,7 +102,7 @@ def _parse(content: bytes, path: Path) -> tuple[str, tuple[Question, ...]]:
         return obj[key]
 
     articles = get(raw, "data", list, "top level")
-    version = "v2" if str(raw.get("version", "")).lstrip("v").startswith("2") else "v1"
+    version = _version(raw.get("version"), path)
     questions: list[Question] = []
     seen: dict[str, str] = {}
     for a, article in enumerate(articles):
@@ -104,7 +118,8 @@ def _parse(content: bytes, path: Path) -> tuple[str, tuple[Question, ...]]:
                 seen[qid] = where
                 answers = get(qa, "answers", list, where)
                 texts = tuple(get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers))
-                starts = tuple(int(ans.get("answer_start", -1)) for ans in answers)
+                starts = tuple(get(ans, "answer_start", int, f"{where}.answers[{i}]") if "answer_start" in ans else -1
+                               for i, ans in enumerate(answers))
                 if not texts and version == "v1":
                     fail(where, "a SQuAD v1.1 question needs at least one answer")
                 questions.append(

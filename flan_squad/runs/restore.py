@@ -3,6 +3,10 @@
 A run dir (from `flan_squad.train`) holds `config.yaml` (the resolved config: its model, strategy and
 dataset sections) and `model/` (the full model, or the adapter only, with the tokenizer). The base of
 an adapter is rebuilt from the run's own model section (init=random weights are deterministic).
+
+Loading a run dir runs no code of its choosing: run dirs are shared (a colleague's results, a downloaded
+fine-tune), and `hydra.utils.instantiate` would call any `_target_` its config.yaml names. The model and strategy
+are built from this project's own classes only (`build_section`), from plain values.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flan_squad.models import strategies
 from flan_squad.models.base import BaseModel
 from flan_squad.utils.errors import FlanSquadError
 from flan_squad.models.strategies import Strategy
@@ -46,16 +51,80 @@ def run_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(config_file)
 
 
+def _allowed(group: str) -> dict[str, type]:
+    """The classes a run's config.yaml may name for `group`, by `_target_`."""
+    if group == "model":
+        return {f"{BaseModel.__module__}.{BaseModel.__qualname__}": BaseModel}
+    # the strategies of conf/strategy/: the classes of flan_squad.models.strategies with a `name`
+    classes = [c for c in vars(strategies).values() if isinstance(c, type) and c.__module__ == strategies.__name__]
+    return {f"{c.__module__}.{c.__qualname__}": c for c in classes if isinstance(getattr(c, "name", None), str)}
+
+
+def build_section(run_dir: str | Path, cfg: DictConfig, group: str) -> Any:
+    """The run's `group` (model or strategy) built from plain values by one of the project's own classes;
+    anything else in config.yaml is refused in one line naming the key."""
+    where = f"{Path(run_dir) / 'config.yaml'}: {group}"
+    section = cfg.get(group)
+    if not isinstance(section, DictConfig):
+        raise RunError(f"{where}: missing, or not a mapping")
+    allowed = _allowed(group)
+    target = section.get("_target_")
+    if target not in allowed:
+        raise RunError(f"{where}._target_={target!r} is not one of this project's {group} classes "
+                       f"({', '.join(sorted(allowed))}): refused (loading a run dir must not run code it names)")
+    values = OmegaConf.to_container(section, resolve=True)
+    values.pop("_target_")
+    special = _special_keys(values)
+    if special:
+        raise RunError(f"{where}.{special[0]}: refused (a run's config.yaml names no code: plain values only)")
+    try:
+        return allowed[target](**values)
+    except TypeError as e:
+        raise RunError(f"{where}: {e}") from None
+
+
+def _special_keys(value: Any, prefix: str = "") -> list[str]:
+    """Hydra's instantiation keys (`_target_`, `_args_`, `_partial_`, ...) anywhere in `value`, as dotted keys."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{prefix}{key}"
+            if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
+                found.append(name)
+            found += _special_keys(item, f"{name}.")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _special_keys(item, f"{prefix}{i}.")
+    return found
+
+
+def restore_weights(run_dir: str | Path, load) -> nn.Module:
+    """`load(model_dir)` (a strategy's load or export), its failure on a missing or damaged weights file told in one
+    line naming the file."""
+    from safetensors import SafetensorError
+
+    model_dir = Path(run_dir) / "model"
+    weights = model_dir / ("adapter_model.safetensors" if (model_dir / "adapter_config.json").exists()
+                           else "model.safetensors")
+    if not weights.is_file() and not (model_dir / f"{weights.name}.index.json").is_file():
+        raise RunError(f"run_dir={run_dir}: {weights} is missing: the run's model/ is incomplete")
+    try:
+        return load(model_dir)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(f"run_dir={run_dir}: cannot load {weights} (truncated or damaged? {type(e).__name__}: "
+                       f"{first_line})") from None
+
+
 def load_run(run_dir: str | Path, device: torch.device) -> Restored:
     """The run's model (full, or adapter on its base) and tokenizer, on `device`."""
     from transformers import AutoTokenizer
 
     cfg = run_config(run_dir)
-    base = instantiate(cfg.model, _convert_="all")
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    model_dir = Path(run_dir) / "model"
-    model = strategy.load(model_dir, base, device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = build_section(run_dir, cfg, "model")
+    strategy = build_section(run_dir, cfg, "strategy")
+    model = restore_weights(run_dir, lambda model_dir: strategy.load(model_dir, base, device))
+    tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "model")
     return Restored(base, strategy, model.eval(), tokenizer, cfg.dataset.version, cfg, f"run {run_dir}")
 
 

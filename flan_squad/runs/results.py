@@ -1,50 +1,17 @@
-"""What a run costs and what it leaves: its run dir, training time, throughput, peak memory, summary.
+"""What a run costs and what it leaves: training time, throughput, peak memory, summary.
 
-The result files themselves are written all or nothing by `flan_squad.utils.files`.
+The result files themselves are written all or nothing by `flan_squad.utils.files`; the run dir is `flan_squad.runs.rundir`'s.
 """
 
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-
-from flan_squad.utils.errors import RunDirError
-
-# What a finished or interrupted run leaves in its dir; a new run must not silently replace it.
-RESULTS = ("metrics.json", "predictions.json", "model", "checkpoints")
-LAST_CHECKPOINT = "checkpoints/last.ckpt"
-
-
-def prepare_run_dir(output_dir: Path, resume: bool, ckpt_path: str | None, overwrite: bool) -> str | None:
-    """Check the run dir against what was asked; return the checkpoint to resume from, if any.
-
-    - resume=true: continue from `checkpoints/last.ckpt` of this dir (refused if the run already finished).
-    - ckpt_path=...: continue from that checkpoint.
-    - otherwise the dir must not hold results, unless overwrite=true (which deletes them first).
-    """
-    existing = [name for name in RESULTS if (output_dir / name).exists()]
-    if resume or ckpt_path:
-        path = Path(ckpt_path) if ckpt_path else output_dir / LAST_CHECKPOINT
-        if not path.is_file():
-            raise RunDirError(f"nothing to resume: no checkpoint at {path}"
-                              + ("" if ckpt_path else " (resume=true continues a run in its own hydra.run.dir)"))
-        if (output_dir / "metrics.json").exists() and not overwrite:
-            raise RunDirError(f"{output_dir} holds a finished run (metrics.json): nothing to resume; "
-                              f"pass overwrite=true to train again from the checkpoint")
-        return str(path)
-    if existing and not overwrite:
-        raise RunDirError(f"{output_dir} already holds results ({', '.join(existing)}): pass overwrite=true to "
-                          f"replace them, resume=true to continue an interrupted run, or choose another hydra.run.dir")
-    for name in (*existing, "tensorboard", "csv"):
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return None
 
 
 class PeakMemory:

@@ -54,6 +54,15 @@ class JobStatus(Callback):
         _free_memory()
 
 
+def write_status(output_dir: Path, status: str, **fields: Any) -> None:
+    """`<run dir>/status.json` of a run outside a sweep (a sweep job's is `JobStatus`'s, with its overrides)."""
+    write_json_atomic(Path(output_dir) / STATUS_FILE, {"status": status, "finished_at": _now(), **fields})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _free_memory() -> None:
     import torch
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor
 
 from flan_squad.utils.precision import check_precision
 from flan_squad.utils.errors import ConfigError
@@ -26,6 +26,8 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     if max_epochs is not None and max_epochs < 1 and trainer_kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (or set trainer.max_steps)")
     callbacks = list(callbacks or [])
+    if not trainer_kwargs.get("logger"):  # logger=none: the learning rate has nowhere to go (Lightning would refuse)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if auto_batch_size:
         if auto_batch_size_max < 2:
             raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "

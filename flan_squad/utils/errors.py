@@ -32,13 +32,19 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        error: BaseException | None = e
-        while error is not None and not isinstance(error, FlanSquadError):
-            error = error.__cause__
+        error = user_error(e)
         if error is None or _in_multirun():
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(e: BaseException) -> FlanSquadError | None:
+    """The `FlanSquadError` that `e` is or wraps (`hydra.utils.instantiate` wraps errors), if any."""
+    error: BaseException | None = e
+    while error is not None and not isinstance(error, FlanSquadError):
+        error = error.__cause__
+    return error
 
 
 def _in_multirun() -> bool:
