@@ -25,7 +25,7 @@ from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
-from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
+from flan_squad.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -56,10 +56,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        rebuild_before_reload(trainer, module)
     trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
-    if trainer.is_global_zero:
-        write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
+    with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
+        if trainer.is_global_zero:
+            write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
     metrics = {
         **module.scores,
         **module.answer_stats,
