@@ -3,6 +3,8 @@ size finder, training's and validation's peak memory apart, experiment=compare f
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -110,3 +112,35 @@ def test_compare_preset_trains_on_the_official_squad_from_the_hub(tmp_path):
     cfg = compose_config(["experiment=compare"], output_dir=tmp_path)
     assert cfg.dataset.train_file is None and cfg.dataset.validation_file is None
     assert cfg.dataset.hub_id == "rajpurkar/squad" and cfg.model.name == "flan-t5-base"
+
+
+def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tmp_path, cache_dir, run_entry_point):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from flan_squad.evaluate import evaluate
+    from flan_squad.runs import load_run
+
+    settings = ["experiment=smoke", "dataset.limit_val=8", "eval.max_new_tokens=6", "trainer.precision=32-true"]
+    run_dir = tmp_path / "qlora"
+    train(compose_config([*settings, "strategy=qlora", "dataset.limit_train=16", "trainer.max_epochs=1",
+                          "callbacks=none", "logger=none"], output_dir=run_dir, cache=cache_dir))
+    result = run_entry_point("flan_squad.export", [f"run_dir={run_dir}", f"output_dir={tmp_path / 'export'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    note = json.loads((tmp_path / "export" / "flan_squad_export.json").read_text())["note"]
+    assert note and "not the model the run scored" in note and f"NOTE: {note}" in result.stdout
+
+    # It really is another model: the run's dequant(NF4(W)) + BA against the export's W + BA.
+    run = load_run(run_dir, torch.device("cpu"))
+    exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export").eval()
+    batch = run.tokenizer(["question: Where is it? context: It is in Paris."], return_tensors="pt")
+    labels = run.tokenizer(["Paris"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        gap = (run.model(**batch, labels=labels).logits - exported(**batch, labels=labels).logits).abs().max()
+    assert gap > 1e-3  # a LoRA export matches its run within 1e-4 (tests/test_evaluate.py)
+
+    # ... and it is scored through the same path, on the same questions, beside the run's score.
+    scored = evaluate(compose_config([*settings, f"model.name_or_path={tmp_path / 'export'}", "model.init=pretrained"],
+                                     output_dir=tmp_path / "eval", cache=cache_dir, config_name="evaluate"))
+    ran = json.loads((run_dir / "metrics.json").read_text())
+    assert scored["total"] == ran["total"] == 8 and 0 <= scored["f1"] <= 100
+    print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, max logit gap {gap:.3g}")
