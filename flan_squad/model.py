@@ -81,10 +81,8 @@ class SquadQAModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
         from lightning.pytorch.utilities import GradClipAlgorithmType
-
-        from lightning.pytorch.plugins.precision import FSDPPrecision
 
         plugin = self.trainer.precision_plugin
         if isinstance(plugin, FSDPPrecision) and gradient_clip_val and gradient_clip_algorithm != "value":
