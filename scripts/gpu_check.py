@@ -21,9 +21,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             for command in step.commands:
                 try:
                     code = subprocess.run(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                          timeout=args.timeout).returncode
+                                          check=False, timeout=args.timeout).returncode
                 except subprocess.TimeoutExpired:
                     code = f"timed out after {args.timeout} s"
                 if code != 0:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if status == "ok":
             try:
                 figure = step.figure(out)
-            except Exception as e:  # a step that ran but left no readable result failed too
+            except Exception as e:  # noqa: BLE001 (a step that ran but left no readable result failed too)
                 status, figure = "FAILED", f"{type(e).__name__}: {e}"
         failed |= status == "FAILED"
         rows.append((step.name, status, f"{time.perf_counter() - started:.0f}", figure))

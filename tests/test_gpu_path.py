@@ -8,8 +8,8 @@ import json
 import lightning as L
 import pytest
 import torch
-
 from conftest import compose_config
+
 from flan_squad.config import auto_precision
 from flan_squad.results import CostMonitor
 from flan_squad.train import train
@@ -64,8 +64,8 @@ class SchedulePlan(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]  # transformers' partial
-        SchedulePlan.seen = (schedule.keywords["num_training_steps"], len(trainer.train_dataloader) * trainer.max_epochs,
-                             trainer.datamodule.batch_size)
+        steps = len(trainer.train_dataloader) * trainer.max_epochs
+        SchedulePlan.seen = (schedule.keywords["num_training_steps"], steps, trainer.datamodule.batch_size)
 
 
 def test_schedule_is_sized_for_the_batch_size_the_finder_picks(tmp_path, cache_dir):
@@ -143,4 +143,5 @@ def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tm
                                      output_dir=tmp_path / "eval", cache=cache_dir, config_name="evaluate"))
     ran = json.loads((run_dir / "metrics.json").read_text())
     assert scored["total"] == ran["total"] == 8 and 0 <= scored["f1"] <= 100
-    print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, max logit gap {gap:.3g}")
+    print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, "
+          f"max logit gap {gap:.3g}")
