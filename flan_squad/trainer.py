@@ -3,8 +3,9 @@ and the FSDP strategy for T5 (`trainer=fsdp`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder

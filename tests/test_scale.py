@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import torch
-
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from transformers import AutoModelForSeq2SeqLM
