@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install shared test train bench base-cpu compare-cpu clean
+.PHONY: install shared test train bench gpu-check base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ train: shared install
 # benchmarks/results/latest.json. ARGS="--quick" for a first look.
 bench: shared install
 	$(PY) -m benchmarks.bench $(ARGS)
+
+# The GPU path in one go (scripts/gpu_check.py): every strategy, experiment=compare, DDP and FSDP on one GPU, QLoRA's
+# memory against full fine-tuning's, the benchmarks; a few steps each, random weights, no hub. One table; exit 1 on a
+# failure. Without CUDA its GPU-only steps are skipped and the rest runs on the CPU.
+gpu-check: shared install
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 # The CPU comparison with scores that mean something (README "Comparing strategies"): a small T5 trained here from
 # random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it,

@@ -9,6 +9,7 @@ dequant(NF4(W)) + BA: answers can differ slightly.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,10 +53,15 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
             "run_dir": str(run_dir.resolve()), "strategy": strategy.name, "base": base.label,
             "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
+            "note": export_note(strategy),  # null: it computes what the run scored
         })
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir
+
+
+def export_note(strategy) -> str | None:
+    return getattr(strategy, "export_note", None)
 
 
 register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
@@ -66,6 +72,9 @@ def main(cfg: DictConfig) -> None:
     with exit_on_error():
         path = export(cfg.run_dir, cfg.output_dir)
     print(f"exported {cfg.run_dir} to {path}: AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})")
+    note = json.loads((path / "flan_squad_export.json").read_text())["note"]
+    if note:
+        print(f"NOTE: {note}")
 
 
 if __name__ == "__main__":

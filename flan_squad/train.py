@@ -26,7 +26,7 @@ from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs.results import CostMonitor, summary  # noqa: E402
 from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
-from flan_squad.runs.trainer import uses_batch_size_finder  # noqa: E402
+from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -58,10 +58,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        rebuild_before_reload(trainer, module)
     trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
-    if trainer.is_global_zero:
-        write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
+    with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
+        if trainer.is_global_zero:
+            write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
     metrics = {
         **module.scores,
         **module.answer_stats,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import torch
 from hydra.utils import instantiate
+from transformers import AutoModelForSeq2SeqLM
 
 from conftest import compose_config, subprocess_env
 from flan_squad.utils.config import PROJECT_ROOT, compose
@@ -39,6 +42,26 @@ def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_
     assert json.loads((tmp_path / "single" / "predictions.json").read_text()) == predictions
     assert single["exact"] == metrics["exact"] and single["f1"] == metrics["f1"] and single["total"] == 13
     assert single["best_f1"] == metrics["best_f1"]
+
+
+def test_fsdp_clips_gradients_and_saves_the_whole_model(tmp_path, cache_dir):
+    # trainer=fsdp through the entry point on 2 CPU processes (gloo): Lightning allows FSDP on GPUs only, so the
+    # strategy is the shipped one made CPU-capable (tests/fsdp_cpu.py). Clipping at 1.0 (the default) is what raised
+    # at the first step; the model saved from sharded weights must be the whole trained model.
+    run_dir = tmp_path / "fsdp"
+    result = subprocess.run(
+        [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "strategy=full", "trainer=fsdp",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy",
+         "trainer.gradient_clip_val=1.0", "dataset.limit_train=16", "dataset.limit_val=8", "trainer.max_epochs=1",
+         "eval.max_new_tokens=4", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "tests")])))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 1 and metrics["train_examples_seen"] == 16 and metrics["total"] == 8
+    saved = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model").state_dict()
+    trained = torch.load(run_dir / metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    assert saved and all(torch.equal(value, trained[f"model.{name}"]) for name, value in saved.items())
 
 
 def test_scale_out_configs_compose(tmp_path):

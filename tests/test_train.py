@@ -11,7 +11,7 @@ from conftest import compose_config
 from flan_squad.train import train
 
 REQUIRED = {"exact", "f1", "total", "strategy", "model", "init", "trainable_params", "total_params",
-            "train_time_s", "train_examples_per_s", "peak_memory_mb", "dataset", "train_examples", "val_examples"}
+            "train_time_s", "train_examples_per_s", "peak_memory_mb", "peak_val_memory_mb", "dataset", "train_examples", "val_examples"}
 V2_KEYS = {f"{part}_{k}" for part in ("HasAns", "NoAns") for k in ("exact", "f1", "total")}
 
 

@@ -81,10 +81,15 @@ class SquadQAModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
         from lightning.pytorch.utilities import GradClipAlgorithmType
 
         plugin = self.trainer.precision_plugin
+        if isinstance(plugin, FSDPPrecision) and gradient_clip_val and gradient_clip_algorithm != "value":
+            # Lightning's FSDP plugin raises on norm clipping (it has no handle on the root module); the root's own
+            # clip_grad_norm_ takes the norm over every rank's shards, as a plain clip_grad_norm_ would not.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         if type(plugin) is MixedPrecision and plugin.scaler is None:
             # bf16-mixed has no gradient scaler: the gradients are true-scale, also for the fused optimizer, which
             # Lightning refuses to clip under any mixed precision (for fear of a scaler unscaling inside step()).
@@ -144,7 +149,8 @@ class SquadQAModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
+        # (FSDP's strategy loads the weights itself and hands this hook the rest of the checkpoint)
+        unknown = set(checkpoint.get("state_dict", {})) - set(self.state_dict())
         if unknown:
             raise ConfigError(f"checkpoint does not match this model/strategy: unknown keys {sorted(unknown)[:3]}")
         if "rng_states" in checkpoint:

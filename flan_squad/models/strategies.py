@@ -52,6 +52,8 @@ class Strategy(Protocol):
         """What `save` wrote as one plain transformers model on CPU in full precision (adapters merged), for
         `save_pretrained`: it loads without PEFT or this project."""
 
+    # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not).
+
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
         row's approach, e.g. "lora r=16") and `capacity`, the hyperparameter besides lr that sets how much
@@ -182,6 +184,10 @@ class QLoRA(LoRA):
     """
 
     name = "qlora"
+    export_note = ("QLoRA: the adapters trained on 4-bit NF4 weights are merged into the full-precision base, so this "
+                   "model computes W + BA where the run computed dequant(NF4(W)) + BA: it is not the model the run "
+                   "scored; its answers and scores can differ (evaluate it: python -m flan_squad.evaluate "
+                   "model.name_or_path=<export dir> model.init=pretrained)")
 
     def __init__(self, lr: float = 1e-3, rank: int = 16, alpha: int = 32, dropout: float = 0.05,
                  target_modules: str | Sequence[str] = ("q", "v"), gradient_checkpointing: bool = True,

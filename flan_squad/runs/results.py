@@ -5,6 +5,7 @@ The result files themselves are written all or nothing by `flan_squad.utils.file
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _release_free_heap()  # else the RSS of memory freed since (validation's, say) would count in the next peak
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -49,8 +51,17 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _release_free_heap() -> None:
+    # glibc keeps freed memory mapped (resident) until asked to return it.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class CostMonitor(L.Callback):
-    """Times the training loop (validation excluded), counts what it processed, and reads peak memory."""
+    """Times the training loop (validation excluded), counts what it processed, and reads peak memory: training's
+    and validation's apart (validation generates with another batch size, and would hide what training needs)."""
 
     def __init__(self):
         self.train_time_s = 0.0
@@ -58,11 +69,16 @@ class CostMonitor(L.Callback):
         self._started = self._val_started = 0.0
         self._val_time_s = 0.0
         self.peak: PeakMemory | None = None
-        self.peak_memory_mb = 0.0
+        self.peak_memory_mb = self.peak_val_memory_mb = 0.0
+
+    def _peak_since_reset(self, trainer) -> float:
+        self.peak = self.peak or PeakMemory(trainer.strategy.root_device)
+        peak = self.peak.read_mb()
+        self.peak.reset()
+        return peak
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.peak = PeakMemory(trainer.strategy.root_device)
-        self.peak.reset()
+        self._peak_since_reset(trainer)
         self._val_time_s = 0.0
         self._started = time.perf_counter()
 
@@ -71,18 +87,24 @@ class CostMonitor(L.Callback):
         self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        peak = self._peak_since_reset(trainer)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.peak_memory_mb = max(self.peak_memory_mb, peak)  # training's, up to here
         self._val_started = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        self.peak_val_memory_mb = max(self.peak_val_memory_mb, self._peak_since_reset(trainer))
         if trainer.state.fn == "fit":  # not the final trainer.validate()
             self._val_time_s += time.perf_counter() - self._val_started
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_time_s = time.perf_counter() - self._started - self._val_time_s
-        self.peak_memory_mb = self.peak.read_mb()  # this process's peak (one device's, under DDP)
+        # this process's peaks (one device's, under DDP)
+        self.peak_memory_mb = max(self.peak_memory_mb, self._peak_since_reset(trainer))
         # Under DDP every process trains on its own share: throughput counts them all.
-        counts = trainer.strategy.reduce(torch.tensor([self.examples, self.tokens], dtype=torch.float64),
-                                         reduce_op="sum")
+        # On the root device: NCCL all-reduces CUDA tensors only (gloo takes CPU ones, so CPU DDP cannot tell).
+        counts = torch.tensor([self.examples, self.tokens], dtype=torch.long, device=trainer.strategy.root_device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
         self.examples, self.tokens = (int(c) for c in counts.tolist())
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,7 +114,8 @@ class CostMonitor(L.Callback):
             "train_examples_per_s": round(self.examples / seconds, 3),
             "train_tokens_per_s": round(self.tokens / seconds, 1),
             "train_examples_seen": self.examples,
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),  # training's
+            "peak_val_memory_mb": round(self.peak_val_memory_mb, 1),  # validation's (generation)
             "peak_memory_kind": self.peak.kind if self.peak else None,
         }
 
@@ -127,7 +150,8 @@ def summary(metrics: dict[str, Any], output_dir: Path) -> str:
         f"  scores     {scores}",
         f"  training   {metrics['train_time_s']:.1f} s, {metrics['train_examples_per_s']:.2f} examples/s, "
         f"{metrics['train_examples']} questions x {metrics['epochs']} epochs, {metrics['optimizer_steps']} steps",
-        f"  memory     peak {metrics['peak_memory_mb']:.0f} MB ({metrics['peak_memory_kind']})",
+        f"  memory     peak {metrics['peak_memory_mb']:.0f} MB training, {metrics['peak_val_memory_mb']:.0f} MB "
+        f"validation ({metrics['peak_memory_kind']})",
         f"  parameters {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} ({share:.2f}%)"
         + (f"; {metrics['params_4bit']:,} stored in 4-bit" if metrics.get("params_4bit") else ""),
         f"  artefacts  {output_dir}",

@@ -3,10 +3,13 @@ and the FSDP strategy for T5 (`trainer=fsdp`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor
+from lightning.pytorch.strategies import FSDPStrategy
 
 from flan_squad.utils.precision import check_precision
 from flan_squad.utils.errors import ConfigError
@@ -40,6 +43,13 @@ class TrainingBatchSizeFinder(BatchSizeFinder):
     """Lightning's finder, for training only: `trainer.validate()` after fit would otherwise search again
     (on `batch_size`, which validation does not use) and restore the trainer to its pre-search state."""
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # configure_optimizers ran in strategy.setup, before this hook: its schedule has as many steps as the configured
+        # batch size makes. Build optimizer and schedule again for the size found (the finder runs on one device only;
+        # the trials' updates are undone, so nothing is lost; a resumed run loads their states after this hook).
+        trainer.strategy.setup_optimizers(trainer)
+
     def on_validation_start(self, trainer, pl_module) -> None:
         pass
 
@@ -56,7 +66,30 @@ def uses_batch_size_finder(trainer: L.Trainer) -> bool:
 
 def t5_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", **kwargs):
     """Lightning's FSDP strategy wrapping each T5 block (an auto-wrap policy is a set of classes: no YAML form)."""
-    from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.t5.modeling_t5 import T5Block
 
     return FSDPStrategy(auto_wrap_policy={T5Block}, sharding_strategy=sharding_strategy, **kwargs)
+
+
+@contextmanager
+def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
+    """Entered by every process: under FSDP, rank 0's model holds its full weights inside (each process holds only its
+    shard otherwise, and gathering them is a collective that every rank must join); elsewhere, nothing to do."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    # Gathered into CPU memory from GPUs (a model that needs FSDP may not fit one whole); offloading weights that are
+    # on the CPU already segfaults (torch 2.13).
+    offload = trainer.strategy.root_device.type != "cpu"
+    with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=offload):
+        yield
+
+
+def rebuild_before_reload(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """Under FSDP, fit leaves the weights sharded in FSDP wrappers, and Lightning loads a checkpoint (validate's best)
+    into the module before wrapping it: "size mismatch ... torch.Size([0])". Dropping the model makes
+    `configure_model` build it afresh, to be loaded and then wrapped again."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        module.model = None

@@ -14,9 +14,17 @@ def bf16_is_native(device_type: str) -> bool:
     with AVX512-BF16, bf16-mixed trained the flan-t5-small shape 1.5x faster than fp32.
     """
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and _cuda_bf16_is_native()
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def _cuda_bf16_is_native() -> bool:
+    # The default (including_emulation=True) also says yes on pre-Ampere GPUs (V100, T4), which only emulate bf16.
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: its answer was compute capability >= 8, i.e. native
+        return torch.cuda.is_bf16_supported()
 
 
 def auto_precision(accelerator: str) -> str:

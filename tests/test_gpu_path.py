@@ -1,0 +1,147 @@
+"""The GPU path's faults that a CPU can show: the DDP all-reduce's device, the bf16 probe, the schedule after the batch
+size finder, training's and validation's peak memory apart, experiment=compare from the hub."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_config
+
+from flan_squad.utils.precision import auto_precision
+from flan_squad.runs.results import CostMonitor
+from flan_squad.train import train
+
+
+class _Strategy:
+    """What CostMonitor uses of a Lightning strategy; `reduce` records the device of the tensor it is given."""
+
+    def __init__(self, root_device: torch.device):
+        self.root_device, self.reduced_on = root_device, None
+
+    def reduce(self, tensor, reduce_op):
+        self.reduced_on = tensor.device
+        return torch.tensor([6.0, 60.0])
+
+
+class _Trainer:
+    def __init__(self, root_device: torch.device):
+        self.strategy, self.sanity_checking = _Strategy(root_device), False
+
+
+def test_throughput_counts_are_all_reduced_on_the_root_device():
+    # NCCL all-reduces CUDA tensors only: a CPU tensor there fails at the end of training, before any result is
+    # written. "meta" stands in for a CUDA device on this CPU machine.
+    trainer, monitor = _Trainer(torch.device("meta")), CostMonitor()
+    monitor.on_train_start(trainer, None)
+    monitor.on_train_batch_end(trainer, None, None, {"ids": [1, 2], "attention_mask": torch.ones(2, 3),
+                                                     "labels": torch.zeros(2, 1)}, 0)
+    monitor.on_train_end(trainer, None)
+    assert trainer.strategy.reduced_on == torch.device("meta")
+    assert (monitor.examples, monitor.tokens) == (6, 60)  # the sum over processes
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_bf16_that_a_gpu_only_emulates_is_not_taken_as_native(native, expected, monkeypatch):
+    # torch's probe says yes by default also on V100/T4 (compute capability 7.x), which only emulate bf16.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert auto_precision("gpu") == expected
+
+
+def test_bf16_probe_of_a_torch_without_the_emulation_argument(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert auto_precision("gpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto_precision("gpu") == "bf16-mixed"
+
+
+class SchedulePlan(L.Callback):
+    """Records, as training starts, how many steps the schedule was built for and how many training will take."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]  # transformers' partial
+        steps = len(trainer.train_dataloader) * trainer.max_epochs
+        SchedulePlan.seen = (schedule.keywords["num_training_steps"], steps, trainer.datamodule.batch_size)
+
+
+def test_schedule_is_sized_for_the_batch_size_the_finder_picks(tmp_path, cache_dir):
+    cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=4",
+                          "dataset.batch_size=2", "trainer.max_epochs=2", "eval.max_new_tokens=4",
+                          "trainer.auto_batch_size=true", "trainer.auto_batch_size_max=8", "logger=none",
+                          "callbacks=none", "+callbacks.plan._target_=test_gpu_path.SchedulePlan"],
+                         output_dir=tmp_path, cache=cache_dir)
+    metrics = train(cfg)
+    total_steps, steps, batch_size = SchedulePlan.seen
+    assert batch_size == metrics["batch_size"] == 8  # 2 and 4 tried, 8 the ceiling: 2 steps per epoch, not 8
+    assert total_steps == steps == metrics["optimizer_steps"] == 4
+
+
+class _State:
+    fn = "fit"
+
+
+def _touch(megabytes: int) -> torch.Tensor:
+    return torch.ones(megabytes * 2**20 // 4)  # written, so resident
+
+
+def test_training_and_validation_peak_memory_are_reported_apart():
+    trainer, monitor = _Trainer(torch.device("cpu")), CostMonitor()
+    trainer.state = _State()
+    monitor.on_train_start(trainer, None)
+    base = monitor.peak.read_mb()
+    training = _touch(100)
+    del training
+    monitor.on_validation_start(trainer, None)
+    validation = _touch(300)  # generation at the eval batch size
+    del validation
+    monitor.on_validation_end(trainer, None)
+    training = _touch(50)  # the next epoch
+    del training
+    monitor.on_train_end(trainer, None)
+    result = monitor.as_dict()
+    assert base + 90 < result["peak_memory_mb"] < base + 200  # training's 100 MB, not validation's 300
+    assert result["peak_val_memory_mb"] > base + 290
+    assert result["peak_memory_kind"] == "rss"
+
+
+def test_compare_preset_trains_on_the_official_squad_from_the_hub(tmp_path):
+    cfg = compose_config(["experiment=compare"], output_dir=tmp_path)
+    assert cfg.dataset.train_file is None and cfg.dataset.validation_file is None
+    assert cfg.dataset.hub_id == "rajpurkar/squad" and cfg.model.name == "flan-t5-base"
+
+
+def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tmp_path, cache_dir, run_entry_point):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from flan_squad.evaluate import evaluate
+    from flan_squad.runs.restore import load_run
+
+    settings = ["experiment=smoke", "dataset.limit_val=8", "eval.max_new_tokens=6", "trainer.precision=32-true"]
+    run_dir = tmp_path / "qlora"
+    train(compose_config([*settings, "strategy=qlora", "dataset.limit_train=16", "trainer.max_epochs=1",
+                          "callbacks=none", "logger=none"], output_dir=run_dir, cache=cache_dir))
+    result = run_entry_point("flan_squad.export", [f"run_dir={run_dir}", f"output_dir={tmp_path / 'export'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    note = json.loads((tmp_path / "export" / "flan_squad_export.json").read_text())["note"]
+    assert note and "not the model the run scored" in note and f"NOTE: {note}" in result.stdout
+
+    # It really is another model: the run's dequant(NF4(W)) + BA against the export's W + BA.
+    run = load_run(run_dir, torch.device("cpu"))
+    exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export").eval()
+    batch = run.tokenizer(["question: Where is it? context: It is in Paris."], return_tensors="pt")
+    labels = run.tokenizer(["Paris"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        gap = (run.model(**batch, labels=labels).logits - exported(**batch, labels=labels).logits).abs().max()
+    assert gap > 1e-3  # a LoRA export matches its run within 1e-4 (tests/test_evaluate.py)
+
+    # ... and it is scored through the same path, on the same questions, beside the run's score.
+    scored = evaluate(compose_config([*settings, f"model.name_or_path={tmp_path / 'export'}", "model.init=pretrained"],
+                                     output_dir=tmp_path / "eval", cache=cache_dir, config_name="evaluate"))
+    ran = json.loads((run_dir / "metrics.json").read_text())
+    assert scored["total"] == ran["total"] == 8 and 0 <= scored["f1"] <= 100
+    print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, "
+          f"max logit gap {gap:.3g}")
