@@ -1,8 +1,8 @@
 """Export a run as a standalone Hugging Face model: `python -m flan_squad.export run_dir=... output_dir=...`.
 
-The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer beside it) and needs
-neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters are merged into a
-full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA: merging into 4-bit
+The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer and model card, README.md,
+beside it) and needs neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters
+are merged into a full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA: merging into 4-bit
 weights would round the update away), so a QLoRA export computes W + BA where the run computed
 dequant(NF4(W)) + BA: answers can differ slightly.
 """
@@ -21,6 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 from flan_squad import config  # noqa: E402,F401
 from flan_squad.errors import exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
+from flan_squad.model_card import command_line, read_json, run_command, write_model_card  # noqa: E402
 from flan_squad.runs import RunError, run_config  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
     model_dir = run_dir / "model"
     model = strategy.export(model_dir, base)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    metrics = read_json(run_dir / "metrics.json")  # for the model card; a run copied without it gets none
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
@@ -49,6 +51,8 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
             "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
         })
+        if metrics:
+            write_model_card(staging, metrics, cfg, run_command(run_dir), exported_by=command_line())
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir

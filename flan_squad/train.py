@@ -2,7 +2,7 @@
 
 Instantiates what the config describes, fits, validates the best checkpoint, and writes the run's
 artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2),
-`config.yaml`, `model/`, `checkpoints/` and `tensorboard/`.
+`config.yaml`, `model/` (with its model card, README.md), `checkpoints/` and `tensorboard/`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/ uses)
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
+from flan_squad.model_card import command_line, write_model_card  # noqa: E402
 from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
 from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if module.na_probs is not None:  # SQuAD v2
             write_json_atomic(output_dir / "na_probs.json", module.na_probs)
         write_json_atomic(output_dir / "metrics.json", metrics)
+        write_model_card(output_dir / "model", metrics, cfg, command_line())
         print(summary(metrics, output_dir), flush=True)
     return metrics
 
