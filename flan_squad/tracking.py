@@ -157,13 +157,15 @@ class MLflowTracking(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         client = store.client()
-        params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+        params = config.hydra.sweeper.get("params")  # a preset's grid (hparams_search); none for `a=1,2` sweeps
+        params = OmegaConf.to_container(params, resolve=False) if params else {}
         command = " ".join(["python -m", f"flan_squad.{config.hydra.job.name}", *config.hydra.overrides.task])
         parent = client.create_run(store.experiment_id(client), run_name=f"sweep {sweep_dir.name}", tags={
             "kind": "sweep", "sweep_dir": str(sweep_dir), "sweeper": config.hydra.sweeper._target_.split(".")[-1],
             "command": command,
             "mlflow.note.content": f"Sweep over {params or 'the command line'}; its jobs are the child runs."})
-        client.log_batch(parent.info.run_id, params=_params({"sweep": params}))
+        if params:
+            client.log_batch(parent.info.run_id, params=_params({"sweep": params}))
         write_json_atomic(sweep_dir / SWEEP_FILE, {"tracking_uri": store.uri, "run_id": parent.info.run_id})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -232,6 +234,8 @@ def _start(client, run_id: str, output_dir: Path, resumed: bool) -> None:
     params = _params(OmegaConf.to_container(config, resolve=False) if config else {})
     if resumed:
         client.update_run(run_id, status="RUNNING")
+        if "error" in client.get_run(run_id).data.tags:  # what stopped it is no longer its state
+            client.delete_tag(run_id, "error")
         known = client.get_run(run_id).data.params
         params = [p for p in params if p.key not in known]  # MLflow params never change
     tags = _tags({"init": OmegaConf.select(config, "model.init"), "model": OmegaConf.select(config, "model.name"),
