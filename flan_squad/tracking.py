@@ -69,6 +69,10 @@ class Store:
 
     def check(self) -> None:
         """Fail in one line, before any training, when the store cannot be reached or written."""
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("logger=mlflow needs MLflow: pip install -e '.[tracking]' (or make tracking)")
         if self.tracking_uri and self.tracking_uri.startswith(("http://", "https://")):
             import requests
 
