@@ -2,9 +2,9 @@
 
 The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer and model card, README.md,
 beside it) and needs neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters
-are merged into a full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA: merging into 4-bit
-weights would round the update away), so a QLoRA export computes W + BA where the run computed
-dequant(NF4(W)) + BA: answers can differ slightly.
+are merged into a full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA:
+merging into 4-bit weights would round the update away), so a QLoRA export computes W + BA where the run
+computed dequant(NF4(W)) + BA: answers can differ slightly.
 """
 
 from __future__ import annotations

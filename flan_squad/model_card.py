@@ -31,6 +31,8 @@ def command_line(hydra_cfg: Any = None) -> str | None:
             return None
         hydra_cfg = HydraConfig.get()
     name, overrides = hydra_cfg.job.name, list(hydra_cfg.overrides.task)
+    if str(hydra_cfg.get("mode")).endswith("MULTIRUN"):  # this one job, not its sweep again (hparams_search=...)
+        overrides.append("hydra.mode=RUN")
     return " ".join(["python -m", f"flan_squad.{name}", *overrides]) if name else None
 
 
@@ -72,7 +74,8 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
     approach = (m.get("approach") or {}).get("label") or m.get("strategy")
     name = f"{m.get('model')}-{approach}-{m.get('dataset')}".replace(" ", "").replace("=", "")
     evaluated_on = _evaluated_on(m, dataset)
-    tags = ["flan-squad", "question-answering", "t5", str(m.get("strategy"))] + (["random-init"] if m.get("init") == "random" else [])
+    tags = ["flan-squad", "question-answering", "t5", str(m.get("strategy"))]
+    tags += ["random-init"] if m.get("init") == "random" else []
     metadata: dict[str, Any] = {
         **({"base_model": base_id} if base_id else {}),
         **({"datasets": [dataset["hub_id"]]} if official and dataset.get("hub_id") else {}),
@@ -88,9 +91,13 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
                         for key, kind, title in SCORES if m.get(key) is not None],
         }]}],
     }
-    train_source = Path(str(dataset.get("train_file"))).name if dataset.get("train_file") else f"{dataset.get('hub_id')}[train]"
+    train_source = (Path(str(dataset["train_file"])).name if dataset.get("train_file")
+                    else f"{dataset.get('hub_id')}[train]")
     settings = ", ".join(f"{k}={v}" for k, v in strategy.items() if not k.startswith("_"))
-    base = (f"`{base_id}`" if base_id else f"{m.get('model')} ({'random init' if m.get('init') == 'random' else model.get('name_or_path')})")
+    origin = "random init" if m.get("init") == "random" else model.get("name_or_path")
+    base = f"`{base_id}`" if base_id else f"{m.get('model')} ({origin})"
+    merged = ", exported as one standalone transformers model" + (
+        " (adapters merged into the base)" if adapter_trained(m) else "") if exported_by else ""
     scores = f"exact match {m['exact']:.2f}, F1 {m['f1']:.2f} on {evaluated_on}"
     if m.get("HasAns_f1") is not None:
         scores += f" (answerable F1 {m['HasAns_f1']:.2f}" + (f", unanswerable F1 {m['NoAns_f1']:.2f})"
@@ -99,9 +106,8 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
         "---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# {name}", "",
         *([f"> **Note: {note}.**", ""] if note else []),
-        f"{'A LoRA/PEFT adapter' if adapter else 'A sequence-to-sequence model'} for SQuAD {m.get('squad_version')} "
-        f"question answering, trained with flan-squad ({approach}) from {base}"
-        + (", with its adapters merged into the base (loads without PEFT)." if exported_by else "."),
+        f"{'A PEFT adapter' if adapter else 'A sequence-to-sequence model'} for SQuAD {m.get('squad_version')} "
+        f"question answering, trained with flan-squad ({approach}) from {base}{merged}.",
         "",
         f"- **Strategy**: {approach}; {settings}",
         (f"- **Training data**: {m.get('train_examples')} questions of {train_source}, {m.get('epochs')} epochs, "
@@ -121,10 +127,15 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
            'model = AutoModelForSeq2SeqLM.from_pretrained("<this dir>")']),
         'tokenizer = AutoTokenizer.from_pretrained("<this dir>")',
         "```", "",
-        f"Prompts as the run was trained with: `python -m flan_squad.predict` (dataset=squad_{m.get('squad_version')}).",
+        f"It answers questions posed with flan-squad's SQuAD {m.get('squad_version')} prompt, which "
+        f"`python -m flan_squad.predict` builds.",
         "",
     ]
     return "\n".join(lines)
+
+
+def adapter_trained(m: dict[str, Any]) -> bool:
+    return m.get("trainable_params") is not None and m.get("trainable_params") < m.get("total_params", 0)
 
 
 def _hub_id(model: dict[str, Any]) -> str | None:

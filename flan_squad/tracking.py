@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 TARGET = f"{__name__}.MLflowLogger"  # how the callback finds the tracking settings in the `logger` group
 RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run it is (resume=true continues it)
 SWEEP_FILE = "mlflow_sweep.json"  # in the sweep dir: the parent run of its jobs
-# Run control, not settings: `resume` turns true when a run continues, and MLflow params cannot change.
-NOT_PARAMS = {"resume", "ckpt_path", "overwrite"}
+# Not params: run control (`resume` turns true when a run continues, and MLflow params cannot change) and where
+# files go (`paths`, and below, any value inside the run dir: they differ from job to job and would crowd the lr
+# and rank out of MLflow's compare view).
+NOT_PARAMS = {"resume", "ckpt_path", "overwrite", "paths"}
 # metrics.json values that say what a run is: tags, to filter and group runs by.
 TAG_KEYS = ("strategy", "model", "init", "dataset", "squad_version", "precision", "device", "output_dir", "evaluated")
 
@@ -89,7 +91,8 @@ class Store:
             try:
                 Path(self.store_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise ConfigError(f"logger.mlflow.store_dir={self.store_dir}: cannot create it ({e.strerror})") from None
+                raise ConfigError(f"logger.mlflow.store_dir={self.store_dir}: cannot create it ({e.strerror})") \
+                    from None
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -236,15 +239,16 @@ def _start(client, run_id: str, output_dir: Path, resumed: bool) -> None:
     write_json_atomic(output_dir / RUN_FILE, {"tracking_uri": client.tracking_uri, "run_id": run_id})
     config = OmegaConf.load(output_dir / "config.yaml") if (output_dir / "config.yaml").is_file() else {}
     params = _params(OmegaConf.to_container(config, resolve=False) if config else {})
+    params = [p for p in params if not p.value.startswith(str(output_dir))]
     if resumed:
         client.update_run(run_id, status="RUNNING")
         if "error" in client.get_run(run_id).data.tags:  # what stopped it is no longer its state
             client.delete_tag(run_id, "error")
         known = client.get_run(run_id).data.params
         params = [p for p in params if p.key not in known]  # MLflow params never change
-    tags = _tags({"init": OmegaConf.select(config, "model.init"), "model": OmegaConf.select(config, "model.name"),
-                  "dataset": OmegaConf.select(config, "dataset.name"), "model_note": OmegaConf.select(config, "model.note"),
-                  "output_dir": str(output_dir)} if config else {"output_dir": str(output_dir)})
+    known_tags = {"init": "model.init", "model": "model.name", "dataset": "dataset.name", "model_note": "model.note"}
+    tags = _tags({**{tag: OmegaConf.select(config, key) for tag, key in known_tags.items() if config},
+                  "output_dir": str(output_dir)})
     for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params per call
         client.log_batch(run_id, params=params[i:i + 100], tags=tags if i == 0 else [])
 
@@ -271,15 +275,13 @@ def _run_of(output_dir: Path, store: Store) -> str | None:
 
 
 def _sweep_parent(config: DictConfig) -> str | None:
-    """The parent run of a multirun job (`on_multirun_start` made it), or None for a single run."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    """The parent run of a multirun's jobs (`on_multirun_start` made it), or None for a single run. `config`:
+    what Hydra hands its callbacks, the `hydra` node included."""
+    hydra_cfg, store = OmegaConf.select(config, "hydra"), store_of(config)
+    if hydra_cfg is None or store is None or not str(hydra_cfg.mode).endswith("MULTIRUN"):
         return None
-    record = read_json(Path(HydraConfig.get().sweep.dir) / SWEEP_FILE)
-    store = store_of(config) if config is not None else None
-    return record["run_id"] if record and store and record.get("tracking_uri") == store.uri else None
+    record = read_json(Path(hydra_cfg.sweep.dir) / SWEEP_FILE)
+    return record["run_id"] if record and record.get("tracking_uri") == store.uri else None
 
 
 def _check_or_exit(config: DictConfig) -> Store | None:

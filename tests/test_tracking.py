@@ -89,8 +89,8 @@ def test_a_failed_then_resumed_run_is_one_mlflow_run_with_everything_in_it(serve
             "logger=tensorboard_mlflow", f"logger.mlflow.tracking_uri={server}", f"hydra.run.dir={run_dir}",
             f"paths.cache_dir={cache_dir}"]
     # 8 questions in batches of 4: 2 steps an epoch. NaN weights at step 3 stop the run in its second epoch.
-    failed = run_entry_point("flan_squad.train", [*args, "+callbacks.poison._target_=fault_injection.PoisonWeightsAtStep",
-                                                  "+callbacks.poison.step=3"])
+    poison = ["+callbacks.poison._target_=fault_injection.PoisonWeightsAtStep", "+callbacks.poison.step=3"]
+    failed = run_entry_point("flan_squad.train", [*args, *poison])
     assert failed.returncode == 2 and "non-finite training loss" in failed.stderr
     client = MlflowClient(server)
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
@@ -111,7 +111,7 @@ def test_a_failed_then_resumed_run_is_one_mlflow_run_with_everything_in_it(serve
         "strategy.lr": "0.001", "strategy.rank": "16", "model.name": "t5-tiny", "model.init": "random",
         "dataset.name": "squad_v2", "dataset.batch_size": "4", "trainer.precision": metrics["precision"],
         "seed": "42"}
-    assert "resume" not in params
+    assert "resume" not in params and not any(k.startswith("paths.") or str(run_dir) in v for k, v in params.items())
     tags = run.data.tags
     assert (tags["strategy"], tags["model"], tags["init"], tags["dataset"], tags["kind"]) == (
         "lora", "t5-tiny", "random", "squad_v2", "train")
@@ -130,17 +130,18 @@ def test_a_failed_then_resumed_run_is_one_mlflow_run_with_everything_in_it(serve
     assert json.loads(_artefact(client, run_id, "metrics.json", tmp_path / "a")) == metrics
     assert json.loads(_artefact(client, run_id, "predictions.json", tmp_path / "b")) == json.loads(
         (run_dir / "predictions.json").read_text())
-    assert _artefact(client, run_id, "model_card/README.md", tmp_path / "c") == (run_dir / "model" / "README.md").read_text()
+    card = (run_dir / "model" / "README.md").read_text()
+    assert _artefact(client, run_id, "model_card/README.md", tmp_path / "c") == card
     assert (run_dir / "tensorboard").is_dir()  # tensorboard_mlflow: both loggers
 
     # The model card: Hugging Face metadata and the honest note (random init: no base_model claimed).
-    card = (run_dir / "model" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta and meta["library_name"] == "peft" and "random-init" in meta["tags"]
     assert meta["datasets"] == ["rajpurkar/squad_v2"]
     scores = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert scores["F1"] == round(metrics["f1"], 2) and scores["Exact match"] == round(metrics["exact"], 2)
-    assert "random-init weights" in card and "python -m flan_squad.train experiment=smoke" in card and "resume=true" in card
+    assert "random-init weights" in card and "python -m flan_squad.train experiment=smoke" in card
+    assert "resume=true" in card  # the command that made it: the resumed one
 
     exported = tmp_path / "exported"
     result = run_entry_point("flan_squad.export", [f"run_dir={run_dir}", f"output_dir={exported}"])
@@ -160,7 +161,8 @@ def test_a_sweep_is_a_parent_run_and_its_failed_job_a_failed_run(server, tmp_pat
     client = MlflowClient(server)
     (parent,) = _runs(client, f"tags.sweep_dir = '{sweep}' and tags.kind = 'sweep'")
     assert parent.info.status == "FAILED" and "strategy.rank=0" in parent.data.tags["command"]
-    jobs = {r.data.params["strategy.rank"]: r for r in _runs(client, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    children = _runs(client, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    jobs = {r.data.params["strategy.rank"]: r for r in children}
     assert set(jobs) == {"0", "2"}
     failed, trained = jobs["0"], jobs["2"]
     assert failed.info.status == "FAILED" and "strategy.rank=0: must be a whole number > 0" in failed.data.tags["error"]
@@ -173,10 +175,31 @@ def test_a_sweep_is_a_parent_run_and_its_failed_job_a_failed_run(server, tmp_pat
     assert len(client.get_metric_history(trained.info.run_id, "train/loss")) == 1  # 8 questions: one batch of 8
 
 
+def test_a_sweep_whose_jobs_all_completed_ends_finished(server, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from flan_squad.config import CONFIG_DIR
+    from flan_squad.tracking import MLflowTracking
+
+    sweep = tmp_path / "sweep"
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "hparams_search=lr_rank", "logger=mlflow", f"logger.mlflow.tracking_uri={server}",
+            f"hydra.sweep.dir={sweep}"])
+    tracking, client = MLflowTracking(), MlflowClient(server)
+    tracking.on_multirun_start(cfg)  # what Hydra calls around the jobs of a multirun
+    (parent,) = _runs(client, f"tags.sweep_dir = '{sweep}'")
+    assert parent.info.status == "RUNNING" and parent.data.params == {"sweep.strategy.lr": "3e-4,1e-3",
+                                                                      "sweep.strategy.rank": "4,16"}
+    tracking.on_multirun_end(cfg)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
 def test_an_unreachable_server_stops_the_run_before_it_starts(tmp_path, run_entry_point):
     run_dir = tmp_path / "run"
     result = run_entry_point("flan_squad.train", [
-        *SMALL, "logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{_free_port()}", f"hydra.run.dir={run_dir}"])
+        *SMALL, "logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{_free_port()}",
+        f"hydra.run.dir={run_dir}"])
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: logger.mlflow.tracking_uri=http://127.0.0.1:")
     assert len(result.stderr.strip().splitlines()) == 1 and "no MLflow tracking server answers there" in result.stderr
