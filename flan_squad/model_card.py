@@ -97,7 +97,7 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
     origin = "random init" if m.get("init") == "random" else model.get("name_or_path")
     base = f"`{base_id}`" if base_id else f"{m.get('model')} ({origin})"
     merged = ", exported as one standalone transformers model" + (
-        " (adapters merged into the base)" if adapter_trained(m) else "") if exported_by else ""
+        " (adapters merged into the base)" if _adapters_merged(m) else "") if exported_by else ""
     scores = f"exact match {m['exact']:.2f}, F1 {m['f1']:.2f} on {evaluated_on}"
     if m.get("HasAns_f1") is not None:
         scores += f" (answerable F1 {m['HasAns_f1']:.2f}" + (f", unanswerable F1 {m['NoAns_f1']:.2f})"
@@ -134,7 +134,8 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
     return "\n".join(lines)
 
 
-def adapter_trained(m: dict[str, Any]) -> bool:
+def _adapters_merged(m: dict[str, Any]) -> bool:
+    """Whether the run trained only part of its model (adapters), which an export merges into the base."""
     return m.get("trainable_params") is not None and m.get("trainable_params") < m.get("total_params", 0)
 
 
