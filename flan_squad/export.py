@@ -1,10 +1,10 @@
 """Export a run as a standalone Hugging Face model: `python -m flan_squad.export run_dir=... output_dir=...`.
 
-The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer beside it) and needs
-neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters are merged into a
-full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA: merging into 4-bit
-weights would round the update away), so a QLoRA export computes W + BA where the run computed
-dequant(NF4(W)) + BA: answers can differ slightly.
+The result loads with `AutoModelForSeq2SeqLM.from_pretrained(output_dir)` (tokenizer and model card, README.md,
+beside it) and needs neither PEFT nor this project: the run's strategy makes it (`Strategy.export`). Adapters
+are merged into a full-precision reload of their base, even when the run trained on a 4-bit base (QLoRA:
+merging into 4-bit weights would round the update away), so a QLoRA export computes W + BA where the run
+computed dequant(NF4(W)) + BA: answers can differ slightly.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs.rundir import check_directory, hold  # noqa: E402
 from flan_squad.runs.restore import RunError, build_section, restore_weights, run_config  # noqa: E402
+from flan_squad.runs.model_card import command_line, read_json, run_command, write_model_card  # noqa: E402
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:
@@ -43,6 +44,7 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
     model_dir = run_dir / "model"
     model = restore_weights(run_dir, lambda directory: strategy.export(directory, base))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    metrics = read_json(run_dir / "metrics.json")  # for the model card; a run copied without it gets none
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
@@ -55,6 +57,8 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
             "note": export_note(strategy),  # null: it computes what the run scored
         })
+        if metrics:
+            write_model_card(staging, metrics, cfg, run_command(run_dir), exported_by=command_line())
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir

@@ -2,7 +2,7 @@
 
 Instantiates what the config describes, fits, validates the best checkpoint, and writes the run's
 artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2),
-`config.yaml`, `model/`, `checkpoints/` and `tensorboard/`.
+`config.yaml`, `model/` (with its model card, README.md), `checkpoints/` and `tensorboard/`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: 
 from flan_squad.runs.results import CostMonitor, summary  # noqa: E402
 from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
 from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
+from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -97,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if module.na_probs is not None:  # SQuAD v2
             write_json_atomic(output_dir / "na_probs.json", module.na_probs)
         write_json_atomic(output_dir / "metrics.json", metrics)
+        write_model_card(output_dir / "model", metrics, cfg, command_line())
         print(summary(metrics, output_dir), flush=True)
     return metrics
 

@@ -16,6 +16,7 @@ from conftest import compose_config
 from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
 from flan_squad.utils.precision import auto_precision
 from flan_squad.models.strategies import Strategy
+from flan_squad.runs.tracking import MLflowLogger
 
 
 def _options(group: str) -> list[str]:
@@ -57,10 +58,15 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs
-    elif group == "logger":  # each writes into its own folder of the run dir
+    elif group == "logger":  # each writes into its own folder of the run dir; MLflow into its store (outputs/mlflow)
+        if "mlflow" in (cfg.logger or {}):
+            cfg.logger.mlflow.store_dir = str(tmp_path / "mlflow")
         loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-        expected = {"tensorboard": [(TensorBoardLogger, "tensorboard")], "csv": [(CSVLogger, "csv")], "none": []}
-        assert [(type(x), Path(x.log_dir)) for x in loggers] == [(kind, tmp_path / d) for kind, d in expected[option]]
+        expected = {"tensorboard": [(TensorBoardLogger, "tensorboard")], "csv": [(CSVLogger, "csv")], "none": [],
+                    "mlflow": [(MLflowLogger, "mlflow")],
+                    "tensorboard_mlflow": [(TensorBoardLogger, "tensorboard"), (MLflowLogger, "mlflow")]}
+        assert [(type(x), Path(x.store.store_dir if isinstance(x, MLflowLogger) else x.log_dir)) for x in loggers] == [
+            (kind, tmp_path / d) for kind, d in expected[option]]
     elif group == "callbacks":
         callbacks = {name: instantiate(c) for name, c in (cfg.callbacks or {}).items()}
         if option == "none":
