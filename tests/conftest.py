@@ -49,6 +49,13 @@ def tiny_base(cache_dir) -> BaseModel:
                      architecture=TINY_ARCHITECTURE, cache_dir=str(cache_dir))
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_from_an_earlier_test(monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to the process environment, which conf/logger/mlflow.yaml
+    # reads: a server that an earlier test stopped must not become this test's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a test's real subprocess: offline, reading ../shared (or FLAN_SQUAD_SHARED)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED), **extra}
