@@ -25,6 +25,7 @@ from flan_squad import config  # noqa: E402,F401  (registers the resolvers conf/
 from flan_squad.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.results import CostMonitor, prepare_run_dir, summary  # noqa: E402
+from flan_squad.signals import Interruption, interruptible, requeued  # noqa: E402
 from flan_squad.trainer import uses_batch_size_finder  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # DDP children re-run this after rank 0 has checked (and, with overwrite, cleared) the run dir.
-    ckpt_path = prepare_run_dir(output_dir, cfg.resume, cfg.ckpt_path, cfg.overwrite)
+    ckpt_path = prepare_run_dir(output_dir, cfg.resume or requeued(output_dir), cfg.ckpt_path, cfg.overwrite)
     if _is_rank_zero():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -50,13 +51,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     strategy = instantiate(cfg.strategy, _convert_="all")
     module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
     cost = CostMonitor()
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost]
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, status.json, exit 143 / 130
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
     if trainer.is_global_zero:
         write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))

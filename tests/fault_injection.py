@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -36,3 +37,14 @@ class PoisonWeightsAtStep(L.Callback):
                 for p in pl_module.parameters():
                     if p.requires_grad:
                         p.fill_(math.nan)
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process `signum` when step `step` starts, as a scheduler or Ctrl-C would."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
