@@ -94,5 +94,5 @@ def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
 
 def requeued(output_dir: Path) -> bool:
     """A SLURM job that was requeued (preempted, or Lightning's auto-requeue) and left an unfinished run here."""
-    return (int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and (output_dir / LAST_CHECKPOINT).is_file()
+    return (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and (output_dir / LAST_CHECKPOINT).is_file()
             and not (output_dir / "metrics.json").exists())

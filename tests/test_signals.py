@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import torch
-
 from test_reliability import RUN, _command, _env
+
 from flan_squad.config import PROJECT_ROOT
 
 

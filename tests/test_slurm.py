@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, subprocess_env
 from safetensors.torch import load_file
 
-from conftest import compose_config, subprocess_env
 from flan_squad.config import PROJECT_ROOT
 from flan_squad.evaluate import evaluate
 from flan_squad.report import build_report
