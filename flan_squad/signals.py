@@ -50,6 +50,11 @@ class Interruption(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self._save(trainer)
+            if trainer.world_size == 1:
+                # Lightning's requeue handler saved hpc_ckpt_<n>.ckpt from inside the signal handler (mid-step, maybe)
+                # and would restore it over any later run in this dir under SLURM: last.ckpt supersedes it.
+                for stale in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                    stale.unlink()
 
     @staticmethod
     def _save(trainer: L.Trainer) -> None:

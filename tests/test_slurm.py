@@ -189,6 +189,7 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     assert requeued["optimizer_steps"] == 16 and requeued["resumed_from"].endswith("checkpoints/last.ckpt")
     assert 4 * 16 > requeued["train_examples_seen"] > 0  # only what was left after the checkpoint was trained again
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
+    assert not list((sweep / "0").glob("hpc_ckpt_*.ckpt"))  # Lightning's, written mid-step: superseded by last.ckpt
     interrupted = json.loads((sweep / "1" / "status.json").read_text())
     assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM" and interrupted["step"] >= 6
     assert not (sweep / "1" / "metrics.json").exists()
