@@ -146,6 +146,10 @@ stop() {
         fi
         rm -f "$DIR/run/$name.pid"
     done
+    # A MariaDB whose pid file is gone (e.g. a start interrupted early) still answers on its socket.
+    if [[ -S $DIR/run/mysql.sock ]]; then
+        mariadb-admin --socket="$DIR/run/mysql.sock" shutdown 2>/dev/null || true
+    fi
     echo "local cluster stopped"
 }
 
