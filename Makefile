@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking shared test train bench gpu-check base-cpu compare-cpu clean
+.PHONY: install tracking shared test test-slurm train bench gpu-check base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,12 @@ shared:
 		"FLAN_SQUAD_SHARED=/path/to/shared" >&2; exit 2; }
 
 test: shared install tracking
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slurm"
+
+# Sweeps, a 2-task job and preemption on a one-node SLURM cluster that scripts/local_slurm.sh starts here (as root;
+# needs: apt-get install slurm-wlm slurmdbd mariadb-server). Skipped, naming what is missing, without SLURM.
+test-slurm: shared install
+	$(PY) -m pytest tests -m slurm
 
 train: shared install
 	$(PY) -m flan_squad.train experiment=smoke $(ARGS)

@@ -121,6 +121,8 @@ def read_run(path: Path) -> Run:
             run.status, run.error = "failed", str(e)
     if status.get("status") == "failed":
         run.status, run.error = "failed", str(status.get("error") or "failed (no error recorded)")
+    elif status.get("status") == "interrupted" and run.status == "incomplete":  # SIGTERM / SIGINT: resumable
+        run.error = str(status.get("error"))
     return run
 
 

@@ -28,6 +28,7 @@ from flan_squad.runs.results import CostMonitor, summary  # noqa: E402
 from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
 from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
+from flan_squad.runs.signals import Interruption, interruptible, requeued  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # DDP children re-run this after rank 0 has checked (and, with overwrite, set aside) the run dir.
-    ckpt_path = prepare_run_dir(output_dir, cfg.resume, cfg.ckpt_path, cfg.overwrite)
+    ckpt_path = prepare_run_dir(output_dir, cfg.resume or requeued(output_dir), cfg.ckpt_path, cfg.overwrite)
     if is_rank_zero():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -53,15 +54,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     strategy = instantiate(cfg.strategy, _convert_="all")
     module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
     cost = CostMonitor()
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost]
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        rebuild_before_reload(trainer, module)
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, status.json, exit 143 / 130
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            rebuild_before_reload(trainer, module)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
     with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
         if trainer.is_global_zero:

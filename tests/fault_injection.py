@@ -40,15 +40,18 @@ class PoisonWeightsAtStep(L.Callback):
                         p.fill_(math.nan)
 
 
-class KillAtStep(L.Callback):
-    """SIGKILLs its own process as step `step` starts: no chance to clean up, as with `kill -9` or the OOM killer.
+class SignalAtStep(L.Callback):
+    """Sends this process `signum` when step `step` starts, as a scheduler or Ctrl-C would."""
 
-    The rolling checkpoint written before it stays on disk; the steps trained since are lost.
-    """
-
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
+
+
+def KillAtStep(step: int) -> SignalAtStep:
+    """SIGKILL as step `step` starts: no chance to clean up, as with `kill -9` or the OOM killer. The rolling
+    checkpoint written before it stays on disk; the steps trained since are lost."""
+    return SignalAtStep(int(signal.SIGKILL), step)

@@ -4,6 +4,8 @@
   writes `<run dir>/status.json`, so a failed job of a multirun leaves a machine-readable record that
   `flan_squad.report` shows as a failed row. Hydra's basic launcher catches a job's exception, runs the
   remaining jobs, and then re-raises the first failure: the sweep still ends with a non-zero exit.
+  A job stopped by SIGTERM / SIGINT (`errors.RunInterrupted`) is recorded as "interrupted", and the sweep
+  stops there with 143 / 130: the signal was meant for it too (and a SLURM job must not end as a success).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus as HydraJobStatus
+from hydra.core.utils import JobReturn
+from hydra.core.utils import JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flan_squad.utils.errors import RunInterrupted
 from flan_squad.utils.files import write_json_atomic  # torch-free: the report imports this module
 
 log = logging.getLogger(__name__)
@@ -35,21 +39,26 @@ class JobStatus(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         failed = job_return.status == HydraJobStatus.FAILED
         error = job_return._return_value if failed else None  # .return_value would re-raise it
+        cause = error
+        while cause is not None and cause.__cause__ is not None:  # e.g. InstantiationException around a ValueError
+            cause = cause.__cause__
+        interrupted = isinstance(cause, RunInterrupted)
         record = {
-            "status": "failed" if failed else "completed",
+            "status": "interrupted" if interrupted else "failed" if failed else "completed",
             "overrides": list(job_return.overrides or []),
             "job_num": OmegaConf.select(config, "hydra.job.num"),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": _now(),
         }
+        output_dir = Path(config.hydra.runtime.output_dir)
+        if interrupted:
+            write_json_atomic(output_dir / STATUS_FILE, {**record, **cause.record()})
+            log.error("job %s %s", record["job_num"], cause)
+            raise SystemExit(cause.exit_code)
         if failed:
-            cause = error
-            while cause.__cause__ is not None:  # e.g. Hydra's InstantiationException around a ValueError
-                cause = cause.__cause__
             record["error"] = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
             record["traceback"] = "".join(traceback.format_exception(error))[-5000:]
             log.error("job %s failed (%s); the sweep goes on and reports it at the end", record["job_num"],
                       record["error"])
-        output_dir = Path(config.hydra.runtime.output_dir)
         write_json_atomic(output_dir / STATUS_FILE, record)
         _free_memory()
 

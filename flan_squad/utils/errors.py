@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from typing import Iterator
 
 
 class FlanSquadError(Exception):
     """Base class: bad input, a bad option, or a run that cannot go on; the message says which and what to do."""
+
+    exit_code = 2
 
 
 class ConfigError(FlanSquadError, ValueError):
@@ -23,11 +26,26 @@ class TrainingError(FlanSquadError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class RunInterrupted(FlanSquadError):
+    """Training stopped by SIGTERM or SIGINT (`flan_squad.runs.signals`); it exits as a shell does: 128 + signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        self.exit_code = 128 + self.signum
+        then = "continue with resume=true" if checkpoint else "no checkpoint to resume from"
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name} at step {step}: {then}")
+
+    def record(self) -> dict:
+        """What `status.json` says about it."""
+        return {"signal": signal.Signals(self.signum).name, "step": self.step, "checkpoint": self.checkpoint,
+                "exit_code": self.exit_code, "error": str(self)}
+
+
 @contextlib.contextmanager
 def exit_on_error() -> Iterator[None]:
     """Around a Hydra entry point's work: a `FlanSquadError` ends the run with `error: <message>` on stderr
-    (once, stdout untouched) and exit status 2. Also one raised inside `hydra.utils.instantiate`, which wraps
-    it. In a multirun it is raised as it is: the sweep records the job as failed (`jobs.JobStatus` logs
+    (once, stdout untouched) and exit status 2 (`RunInterrupted`: 143 / 130). Also one raised inside
+    `hydra.utils.instantiate`, which wraps it. In a multirun it is raised as it is: the sweep records the job as failed (`jobs.JobStatus` logs
     it) and goes on."""
     try:
         yield
@@ -36,7 +54,7 @@ def exit_on_error() -> Iterator[None]:
         if error is None or _in_multirun():
             raise
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)
 
 
 def user_error(e: BaseException) -> FlanSquadError | None:

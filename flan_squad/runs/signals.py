@@ -1,0 +1,103 @@
+"""A run stopped by SIGTERM or SIGINT (a scheduler's time limit or preemption, Ctrl-C) stops so it can be resumed.
+
+Lightning does the signal handling: its signal connector turns SIGTERM into `trainer.received_sigterm`, the loops
+then stop at the next step boundary with `SIGTERMException`, and under SLURM its `SLURMEnvironment` requeues the job
+on the requeue signal (SIGUSR1: `#SBATCH --signal=USR1@90`). What Lightning leaves to the run:
+- `Interruption` writes the rolling `checkpoints/last.ckpt` (the `last_checkpoint` callback's) at that step;
+- `interruptible()` lets Ctrl-C take the same path (Lightning's own SIGINT handling is a KeyboardInterrupt wherever
+  it lands, even mid optimizer step, and exit 1), and turns the stop into `RunInterrupted`: `status.json`
+  "interrupted" with the step, then exit 128 + signal (143 SIGTERM, 130 SIGINT), never 0 (`SIGTERMException` is a
+  `SystemExit` without a code, so a plain Lightning run preempted this way exits 0);
+- `requeued()`: a SLURM job started again after a requeue continues from its `last.ckpt` instead of refusing the
+  run dir it left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from flan_squad.utils.errors import RunInterrupted
+from flan_squad.runs.status import write_status
+
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+log = logging.getLogger(__name__)
+
+
+class Interruption(L.Callback):
+    """Writes `last.ckpt` when Lightning stops training on SIGTERM (or SIGINT, see `interruptible`).
+
+    At the end of the step during which the signal came (where the rolling checkpoint is written anyway, so a
+    resume from it is exactly a resume from an ordinary `last.ckpt`), or else where Lightning raised the stop.
+    One process only: under DDP the ranks may see the signal at different steps and saving is collective, so
+    they keep the last rolling checkpoint instead of risking a hang.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm:
+            self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+            if trainer.world_size == 1:
+                # Lightning's requeue handler saved hpc_ckpt_<n>.ckpt from inside the signal handler (mid-step, maybe)
+                # and would restore it over any later run in this dir under SLURM: last.ckpt supersedes it.
+                for stale in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                    stale.unlink()
+
+    @staticmethod
+    def _save(trainer: L.Trainer) -> None:
+        if trainer.world_size > 1:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            # ModelCheckpoint's own save of last.ckpt, as on_train_end does it (no public call for it).
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and \
+                    callback._last_global_step_saved != trainer.global_step:
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+@contextlib.contextmanager
+def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
+    """Around `trainer.fit` / `trainer.validate`: a SIGTERM or first Ctrl-C stops at a step boundary with
+    `RunInterrupted` (after `status.json` says so); a second Ctrl-C stops at once."""
+    received: list[int] = []
+
+    def on_sigint(signum, frame) -> None:
+        sigterm_handler = signal.getsignal(signal.SIGTERM)
+        if received or not callable(sigterm_handler):  # impatient, or Lightning is not listening: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("Received SIGINT: stopping after this step with a checkpoint (Ctrl-C again to stop now)")
+        sigterm_handler(signal.SIGTERM, frame)  # Lightning's: sets received_sigterm, tells DDP processes
+
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        yield
+    except SIGTERMException:
+        signum = received[0] if received else signal.SIGTERM
+        checkpoint = output_dir / LAST_CHECKPOINT
+        interrupted = RunInterrupted(signum, trainer.global_step, str(checkpoint) if checkpoint.is_file() else None)
+        if trainer.is_global_zero:
+            write_status(output_dir, "interrupted", **interrupted.record())
+        raise interrupted from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def requeued(output_dir: Path) -> bool:
+    """A SLURM job that was requeued (preempted, or Lightning's auto-requeue) and left an unfinished run here."""
+    return (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and (output_dir / LAST_CHECKPOINT).is_file()
+            and not (output_dir / "metrics.json").exists())
