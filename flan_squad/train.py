@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.loggers = []  # the best checkpoint's scores go to metrics.json, not as a second point on the curves
     trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
     if trainer.is_global_zero:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from flan_squad.report import build_report, find_run_dirs, group, main, read_run
+from flan_squad.report import build_report, main
+from flan_squad.report_runs import find_run_dirs, group, read_run
 from flan_squad.strategies import FullFineTuning, LoRA, QLoRA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,6 +136,29 @@ def test_every_plot_is_a_png_with_content(tmp_path):
                                              "learning_curves.png"]
     for plot in plots:
         _assert_real_png(plot)
+
+
+def test_nearby_points_are_named_without_labels_colliding(tmp_path):
+    # make compare-cpu's points: LoRA and QLoRA at the same F1, 100 MB apart, once labelled "lora r=16qlora r=16"
+    from flan_squad.plots import _colours, scatter_figure
+
+    make_run(tmp_path, "0", "full", 95.3, rank=None, lr=5e-5, memory=1217.0)
+    make_run(tmp_path, "1", "lora", 99.3, memory=1378.0)
+    make_run(tmp_path, "2", "qlora", 99.3, memory=1474.0)
+    make_run(tmp_path, "3", "lora", 99.0, lr=3e-4, memory=1380.0)
+    settings = group([read_run(p) for p in find_run_dirs([str(tmp_path)])])
+    fig = scatter_figure(settings, "peak_memory_mb", "peak memory (MB)", _colours({"full", "lora", "qlora"}))
+    fig.canvas.draw()  # lays the legend out
+    renderer = fig.canvas.get_renderer()
+    ax, = fig.axes
+    names = [t for t in ax.get_legend().get_texts()]
+    assert sorted(t.get_text() for t in names) == ["full", "lora r=16 lr=0.0003", "lora r=16 lr=0.001", "qlora r=16"]
+    texts = [t for t in [*ax.texts, *names, ax.title, ax.xaxis.label, ax.yaxis.label] if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), f"{texts[i].get_text()!r} prints over {texts[j].get_text()!r}"
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))  # beside
 
 
 def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):

@@ -36,6 +36,8 @@ def test_smoke_run_writes_complete_results(strategy, dataset, tmp_path, cache_di
     assert (tmp_path / "model" / ("model.safetensors" if strategy == "full" else "adapter_model.safetensors")).exists()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert {"val/exact", "val/f1", "train/loss"} <= set(events.Tags()["scalars"])
+    # one validation (the epoch's end), drawn once: the best checkpoint's re-validation is not a second point
+    assert len(events.Scalars("val/f1")) == 1
 
 
 def test_command_line_run_honours_run_dir(tmp_path, run_entry_point):
