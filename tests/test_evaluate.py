@@ -69,6 +69,9 @@ def test_evaluate_a_base_model_on_v1_without_windows(tmp_path, cache_dir):
     assert len(json.loads((tmp_path / "predictions.json").read_text())) == 4
     # The "before fine-tuning" row of a report: it trained nothing, at no learning rate.
     assert metrics["trainable_params"] is None and metrics["lr"] is None and metrics["total_params"] > 0
+    # loaded as conf/evaluate.yaml's strategy loads a base (no pseudo-strategy): a name the contract knows
+    assert metrics["strategy"] == "full" and metrics["approach"] == {"label": "base model, not fine-tuned",
+                                                                     "capacity": None}
     _, settings, _ = build_report([str(tmp_path)], tmp_path / "report")
     header, rows = table_rows(settings)
     row = dict(zip(header, rows[0]))
