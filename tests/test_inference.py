@@ -106,4 +106,9 @@ def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer
     assert [a.logprob for a in answers] == pytest.approx(expected.tolist(), abs=1e-4)
     lengths = (labels != -100).sum(1)
     assert [a.score for a in answers] == pytest.approx((expected / lengths).tolist(), abs=1e-4)
-    assert all(a.na_logprob is not None and a.na_logprob < 0 for a in answers)
+    # log P("unanswerable"), by a plain teacher-forced forward pass: the sum of its tokens' log-probabilities
+    target = torch.tensor([tokenizer("unanswerable").input_ids] * len(input_ids))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, labels=target).logits
+    na_expected = logits.log_softmax(-1).gather(-1, target[..., None]).squeeze(-1).sum(1)
+    assert [a.na_logprob for a in answers] == pytest.approx(na_expected.tolist(), abs=1e-4)
