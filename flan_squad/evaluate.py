@@ -93,10 +93,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **module.answer_stats,
         "evaluated": restored.source,
         "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
-        # a base model as it is: the "before fine-tuning" row of a comparison report
-        "strategy": restored.strategy.name if cfg.get("run_dir") else "base",
-        "approach": restored.strategy.describe() if cfg.get("run_dir") else {"label": "base model, not fine-tuned",
-                                                                              "capacity": None},
+        "strategy": restored.strategy.name,  # for a base model: the strategy that loaded it (e.g. 4-bit for qlora)
+        "approach": restored.approach,  # a base model's is the "before fine-tuning" row of a comparison report
         "model": restored.base.name,
         "init": restored.base.init,
         "model_note": restored.base.note,

@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             rebuild_before_reload(trainer, module)
+        trainer.loggers = []  # the best checkpoint's scores go to metrics.json, not as a second point on the curves
         trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
     with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights

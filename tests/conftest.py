@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from flan_squad.utils.config import PROJECT_ROOT, compose  # noqa: E402
+from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT, compose  # noqa: E402
 from flan_squad.models.base import BaseModel  # noqa: E402
 
 SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
@@ -29,6 +29,19 @@ DEV_V2 = SQUAD / "v2.0" / "dev-v2.0.reconstructed.json"
 TRAIN_V2_SAMPLE = SQUAD / "v2.0" / "train-v2.0.sample.json"
 TOKENIZER_DIR = SHARED / "models" / "flan-t5-small-tokenizer"
 TINY_ARCHITECTURE = dict(d_model=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4, d_ff=128)
+# Every shipped strategy, by its YAML: a strategy added as a class and a YAML file gets every test that uses these.
+STRATEGY_NAMES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
+
+
+def make_strategy(name: str, **settings):
+    """The strategy `conf/strategy/<name>.yaml` builds, with `settings` replacing the YAML's values of the same
+    key (settings the strategy does not have, e.g. `rank` for full fine-tuning, are left out)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONFIG_DIR / "strategy" / f"{name}.yaml")
+    cfg.merge_with({key: value for key, value in settings.items() if key in cfg})
+    return instantiate(cfg, _convert_="all")
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
 from flan_squad.utils.precision import auto_precision
 from flan_squad.models.strategies import Strategy
 from flan_squad.runs.tracking import MLflowLogger
+from flan_squad.data.squad import read_squad_file
 
 
 def _options(group: str) -> list[str]:
@@ -44,20 +45,30 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}"], output_dir=tmp_path)
     if group in ("model", "strategy"):
         instance = instantiate(cfg[group], _convert_="all")
-        if group == "strategy":
-            assert isinstance(instance, Strategy) and instance.name == option and instance.lr > 0
+        if group == "strategy":  # the YAML's settings reach the object (more in tests/test_strategies.py)
+            assert isinstance(instance, Strategy) and instance.name == option and instance.lr == cfg.strategy.lr
             description = instance.describe()  # what metrics.json records for the report
             assert description["label"] and json.loads(json.dumps(description)) == description
-        else:
-            assert instance.init in ("pretrained", "random")
+        else:  # the architecture the YAML gives is the one built (random init) or documented (pretrained)
+            assert (instance.name, instance.init) == (cfg.model.name, cfg.model.init)
+            config = instance.config()
+            assert {key: getattr(config, key) for key in cfg.model.architecture} == cfg.model.architecture
+            if instance.init == "pretrained":
+                assert instance.checkpoint() == cfg.model.name_or_path
     elif group == "dataset":
         dm = instantiate(cfg.dataset, tokenizer=None)
-        assert dm.name == option
+        assert (dm.name, dm.version) == (option, option[-2:])  # squad_v2, planted_v2: SQuAD 2.0 prompts and rules
+        assert Path(dm.validation_file).is_file() and read_squad_file(dm.validation_file)[0] == dm.version
     elif group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        assert cfg.trainer.devices != 0 and cfg.trainer.precision == "32-true"  # composes; no GPU to build on
-    elif group == "trainer":
+        # No GPU to build on: the config composes, in fp32 (no native bf16 without one), and FSDP's strategy builds.
+        assert cfg.trainer.precision == "32-true"
+        if "strategy" in cfg.trainer:
+            assert type(instantiate(cfg.trainer.strategy)).__name__ == "FSDPStrategy"
+    elif group == "trainer":  # what the YAML says is what the Trainer does
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-        assert trainer.max_epochs == cfg.trainer.max_epochs
+        assert (trainer.max_epochs, trainer.gradient_clip_val, trainer.num_devices, trainer.precision) == (
+            cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.trainer.devices, cfg.trainer.precision)
+        assert type(trainer.strategy).__name__ == ("DDPStrategy" if option == "ddp" else "SingleDeviceStrategy")
     elif group == "logger":  # each writes into its own folder of the run dir; MLflow into its store (outputs/mlflow)
         if "mlflow" in (cfg.logger or {}):
             cfg.logger.mlflow.store_dir = str(tmp_path / "mlflow")

@@ -12,6 +12,7 @@ from flan_squad.utils.errors import ConfigError
 from flan_squad.evaluate import evaluate
 from flan_squad.export import export
 from flan_squad.evaluation.inference import answer_questions
+from flan_squad.evaluation.metrics import score
 from flan_squad.predict import predict
 from flan_squad.report import build_report, table_rows
 from flan_squad.runs.restore import RunError, load_run
@@ -38,9 +39,16 @@ def test_training_writes_na_probs_and_threshold_metrics(lora_run):
     na_probs = json.loads((lora_run / "na_probs.json").read_text())
     predictions = json.loads((lora_run / "predictions.json").read_text())
     assert set(na_probs) == set(predictions) and all(0.0 <= p <= 1.0 for p in na_probs.values())
-    assert {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"} <= metrics.keys()
+    # The files are what was scored: the official v2 rules on them give metrics.json's figures, thresholds too.
+    questions = [q for q in read_squad_file(SHARED / "data/squad/v2.0/dev-v2.0.reconstructed.json")[1]
+                 if q.id in predictions]
+    rescored = score("v2", questions, predictions, na_probs)
+    assert {"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh", "HasAns_f1", "NoAns_f1"} <= rescored.keys()
+    assert {k: metrics[k] for k in rescored} == pytest.approx(rescored)
     assert metrics["multi_window_questions"] > 0 and metrics["val_windows"] > metrics["val_examples"]
-    assert "snapped_answers" in metrics and "unanswerable" not in {a.lower() for a in predictions.values()}
+    # "unanswerable" became "" (no answer); snapping only ever changes an answer that there is
+    assert "unanswerable" not in {a.lower() for a in predictions.values()}
+    assert 0 <= metrics["snapped_answers"] <= sum(1 for a in predictions.values() if a)
 
 
 def test_evaluate_a_run_reproduces_its_validation(lora_run, tmp_path, cache_dir):
@@ -69,6 +77,9 @@ def test_evaluate_a_base_model_on_v1_without_windows(tmp_path, cache_dir):
     assert len(json.loads((tmp_path / "predictions.json").read_text())) == 4
     # The "before fine-tuning" row of a report: it trained nothing, at no learning rate.
     assert metrics["trainable_params"] is None and metrics["lr"] is None and metrics["total_params"] > 0
+    # loaded as conf/evaluate.yaml's strategy loads a base (no pseudo-strategy): a name the contract knows
+    assert metrics["strategy"] == "full" and metrics["approach"] == {"label": "base model, not fine-tuned",
+                                                                     "capacity": None}
     _, settings, _ = build_report([str(tmp_path)], tmp_path / "report")
     header, rows = table_rows(settings)
     row = dict(zip(header, rows[0]))

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flan_squad.data.datamodule import encode
-from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, combine_windows, run_encoder, sequence_logprobs,
-                                  snap_to_context, spellable_by)
+from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, collect_answers, combine_windows, run_encoder,
+                                  sequence_logprobs, snap_to_context, spellable_by, window_answers)
+from flan_squad.evaluation.metrics import score
 from flan_squad.data.squad import INSTRUCTIONS, read_squad_file
-from conftest import DEV_V1
+from flan_squad.evaluation.squad_metric import SquadAnswers
+from conftest import DEV_V1, DEV_V2
 
 
 @pytest.fixture(scope="module")
@@ -106,4 +108,39 @@ def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer
     assert [a.logprob for a in answers] == pytest.approx(expected.tolist(), abs=1e-4)
     lengths = (labels != -100).sum(1)
     assert [a.score for a in answers] == pytest.approx((expected / lengths).tolist(), abs=1e-4)
-    assert all(a.na_logprob is not None and a.na_logprob < 0 for a in answers)
+    # log P("unanswerable"), by a plain teacher-forced forward pass: the sum of its tokens' log-probabilities
+    target = torch.tensor([tokenizer("unanswerable").input_ids] * len(input_ids))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, labels=target).logits
+    na_expected = logits.log_softmax(-1).gather(-1, target[..., None]).squeeze(-1).sum(1)
+    assert [a.na_logprob for a in answers] == pytest.approx(na_expected.tolist(), abs=1e-4)
+
+
+def test_validation_metric_scores_as_the_window_answers_would(tokenizer):
+    # Validation accumulates tensors in a torchmetrics Metric; compute() must give what the answers themselves
+    # give through collect_answers + the official rules, whatever the batches, and count a question's window once
+    # when a distributed sampler repeats it.
+    dev_questions = read_squad_file(DEV_V2)[1][:60]
+    questions = [q for q in dev_questions if q.answers][:2] + [q for q in dev_questions if not q.answers][:1]
+    rows = [(questions[0].id, 0, questions[0].answers[0], -2.0, -5.0), (questions[0].id, 1, "nowhere", -9.0, -1.0),
+            (questions[1].id, 0, "unanswerable", -1.0, -0.5), (questions[2].id, 0, questions[1].answers[0], -3.0, -4.0)]
+    tokens = [tokenizer(text).input_ids for _, _, text, _, _ in rows]
+    width = 8
+    padded = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in tokens])
+    logprob, na = torch.tensor([r[3] for r in rows]), torch.tensor([r[4] for r in rows])
+    metric = SquadAnswers(tokenizer, "v2", max_new_tokens=width)
+    metric.set_questions(dev_questions)  # indices into the whole split; questions not answered are not scored
+    for batch in ([0, 2], [1, 3], [3]):  # the last batch repeats a window, as DDP's padding does
+        index = torch.tensor(batch)
+        narrow = padded[index][:, : max(len(tokens[i]) for i in batch)]  # each batch as wide as its answers
+        metric.update([rows[i][0] for i in batch], [rows[i][1] for i in batch], narrow, logprob[index], na[index])
+    result = metric.compute()
+
+    expected_windows = dict(zip([(r[0], r[1]) for r in rows], window_answers(tokenizer, padded, logprob, na)))
+    expected = collect_answers(questions, expected_windows, True, spellable_by(tokenizer))
+    assert result.windows == expected_windows and [q.id for q in result.questions] == [q.id for q in questions]
+    assert result.answers.predictions == expected.predictions and result.answers.na_probs == expected.na_probs
+    assert result.answers.stats == expected.stats == {"multi_window_questions": 1, "snapped_answers": 0}
+    assert result.scores == score("v2", questions, expected.predictions, expected.na_probs)
+    assert result.answers.predictions[questions[0].id] == questions[0].answers[0]  # its better window
+    assert result.answers.predictions[questions[1].id] == ""  # "unanswerable" is no answer

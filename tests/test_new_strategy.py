@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from conftest import SHARED, compose_config
 from flan_squad.models.base import count_parameters
@@ -37,7 +38,9 @@ def test_ia3_trains_reports_exports_and_predicts(tmp_path, cache_dir):
     metrics = train(compose_config(SETTINGS, output_dir=run_dir, cache=cache_dir))
     assert metrics["strategy"] == "ia3" and metrics["approach"] == {"label": "ia3", "capacity": None}
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 1000  # a vector per adapted layer
-    assert (run_dir / "model" / "adapter_model.safetensors").exists()  # the run keeps what trained, only
+    saved = load_file(run_dir / "model" / "adapter_model.safetensors")  # the run keeps what trained, only
+    assert all("ia3_l" in name for name in saved)
+    assert sum(t.numel() for t in saved.values()) == metrics["trainable_params"]
 
     _, settings, _ = build_report([str(run_dir)], tmp_path / "report")
     rows = [line.split(" | ") for line in (tmp_path / "report" / "results.md").read_text().splitlines()

@@ -11,21 +11,23 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from flan_squad.report import build_report, find_run_dirs, group, main, read_run
-from flan_squad.models.strategies import FullFineTuning, LoRA, QLoRA
+from flan_squad.report import build_report, main
+from conftest import STRATEGY_NAMES, make_strategy
+from flan_squad.reporting.runs import find_run_dirs, group, read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-STRATEGIES = {"full": FullFineTuning, "lora": LoRA, "qlora": QLoRA}
 
 
 def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = "squad_v1", seed: int = 42,
              lr: float = 1e-3, rank: int | None = 16, memory: float = 800.0, seconds: float = 60.0,
              curve: list[tuple[int, float]] | None = None, recorded: bool = True) -> Path:
     """A run dir as flan_squad.train leaves it: metrics.json, config.yaml, .hydra/, TensorBoard events.
-    recorded=False: as training left it before metrics.json recorded the strategy's `approach`."""
+    recorded=False: as training left it before metrics.json recorded the strategy's `approach`. `rank`: the value
+    of the strategy's capacity hyperparameter (LoRA's rank), if it has one."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
-    trainable = 10_000_000 if strategy == "full" else 2 * 16 * rank * 100
+    key = (make_strategy(strategy).describe()["capacity"] or {}).get("key", "rank")
+    trainable = 10_000_000 if strategy == "full" else 2 * 16 * (rank or 1) * 100
     metrics = {"exact": f1 / 2, "f1": f1, "total": 100, "strategy": strategy, "model": "t5-tiny", "init": "random",
                "dataset": dataset, "squad_version": dataset[-2:], "trainable_params": trainable,
                "total_params": 10_000_000, "params_4bit": 0, "train_time_s": seconds,
@@ -33,16 +35,16 @@ def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = 
                "train_examples": 240, "val_examples": 100, "epochs": 2, "batch_size": 16, "lr": lr, "seed": seed,
                "precision": "32-true", "device": "cpu"}
     if recorded:
-        metrics["approach"] = STRATEGIES[strategy](lr=lr, **({} if rank is None else {"rank": rank})).describe()
+        metrics["approach"] = make_strategy(strategy, lr=lr, **({} if rank is None else {key: rank})).describe()
     if dataset == "squad_v2":
         metrics.update(HasAns_f1=f1 / 3, NoAns_f1=f1 * 1.5, HasAns_exact=0.0, NoAns_exact=f1)
     (run / "metrics.json").write_text(json.dumps(metrics))
-    strategy_cfg = {"lr": lr} if rank is None else {"lr": lr, "rank": rank}
+    strategy_cfg = {"lr": lr} if rank is None else {"lr": lr, key: rank}
     (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "strategy": strategy_cfg}))
     choices = {"strategy": strategy, "dataset": dataset, "model": "t5_tiny"}
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
     overrides = [f"strategy={strategy}", f"seed={seed}", f"strategy.lr={lr}"]
-    overrides += [] if rank is None else [f"strategy.rank={rank}"]
+    overrides += [] if rank is None else [f"strategy.{key}={rank}"]
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if curve:
         from torch.utils.tensorboard import SummaryWriter
@@ -137,6 +139,47 @@ def test_every_plot_is_a_png_with_content(tmp_path):
         _assert_real_png(plot)
 
 
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_each_strategy_reads_as_its_own_rows_and_plots(name, tmp_path):
+    # What a report knows of a strategy is what training recorded (its name, `describe()`): an lr x capacity
+    # sweep of any strategy gives one row per setting, labelled as it describes itself, and its heat map.
+    capacity = make_strategy(name).describe()["capacity"]
+    values = [capacity["value"], capacity["value"] * 2] if capacity else [None]
+    for i, (lr, value) in enumerate((lr, value) for lr in (1e-4, 1e-3) for value in values):
+        make_run(tmp_path, str(i), name, 10.0 * i + 1, lr=lr, rank=value, curve=[(5, i), (10, 2 * i)])
+    _, settings, plots = build_report([str(tmp_path)])
+    expected = {make_strategy(name, lr=lr, **({} if value is None else {capacity["key"]: value})).describe()["label"]
+                for lr in (1e-4, 1e-3) for value in values}
+    assert {s.first.approach for s in settings} == expected and {s.first.strategy for s in settings} == {name}
+    assert len(settings) == 2 * len(values) and all(s.status == "completed" for s in settings)
+    names = {p.name for p in plots}
+    assert {"f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png"} <= names
+    assert (f"heatmap_lr_{capacity['key']}.png" in names) if capacity else not any("heatmap" in n for n in names)
+
+
+def test_nearby_points_are_named_without_labels_colliding(tmp_path):
+    # make compare-cpu's points: LoRA and QLoRA at the same F1, 100 MB apart, once labelled "lora r=16qlora r=16"
+    from flan_squad.reporting.plots import _colours, scatter_figure
+
+    make_run(tmp_path, "0", "full", 95.3, rank=None, lr=5e-5, memory=1217.0)
+    make_run(tmp_path, "1", "lora", 99.3, memory=1378.0)
+    make_run(tmp_path, "2", "qlora", 99.3, memory=1474.0)
+    make_run(tmp_path, "3", "lora", 99.0, lr=3e-4, memory=1380.0)
+    settings = group([read_run(p) for p in find_run_dirs([str(tmp_path)])])
+    fig = scatter_figure(settings, "peak_memory_mb", "peak memory (MB)", _colours({"full", "lora", "qlora"}))
+    fig.canvas.draw()  # lays the legend out
+    renderer = fig.canvas.get_renderer()
+    ax, = fig.axes
+    names = [t for t in ax.get_legend().get_texts()]
+    assert sorted(t.get_text() for t in names) == ["full", "lora r=16 lr=0.0003", "lora r=16 lr=0.001", "qlora r=16"]
+    texts = [t for t in [*ax.texts, *names, ax.title, ax.xaxis.label, ax.yaxis.label] if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), f"{texts[i].get_text()!r} prints over {texts[j].get_text()!r}"
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))  # beside
+
+
 def test_no_heat_map_without_a_grid_and_curves_from_csv_logger(tmp_path):
     run = make_run(tmp_path, "only", "lora", 3.0)
     (run / "csv").mkdir()
@@ -154,7 +197,7 @@ def test_learning_curves_start_from_the_base_models_score(tmp_path):
     make_run(tmp_path, "trained", "lora", 9.0, curve=[(10, 5.0), (20, 9.0)])
     base = make_run(tmp_path, "base", "lora", 2.5)  # evaluate's metrics.json for a base model, no curve
     metrics = json.loads((base / "metrics.json").read_text())
-    metrics.update(evaluated="base model t5-tiny", strategy="base", approach={"label": "base model, not fine-tuned"})
+    metrics.update(evaluated="base model t5-tiny", approach={"label": "base model, not fine-tuned", "capacity": None})
     (base / "metrics.json").write_text(json.dumps(metrics))
     runs = [read_run(tmp_path / "trained"), read_run(base)]
     assert reference_scores(runs) == [("base model, not fine-tuned", 2.5)]  # the trained run is a curve, not a line

@@ -6,18 +6,22 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from conftest import STRATEGY_NAMES, compose_config, make_strategy
+from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.data.datamodule import collate, encode
 from flan_squad.evaluation.inference import answer_windows
-from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.data.squad import Question
-from flan_squad.models.strategies import IA3, LoRA, FullFineTuning, QLoRA
+from flan_squad.models.strategies import FullFineTuning, LoRA, Strategy
 
-STRATEGIES = {
-    "full": lambda: FullFineTuning(lr=1e-3),
-    "lora": lambda: LoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
-    "qlora": lambda: QLoRA(lr=1e-2, rank=4, alpha=8, dropout=0.0),
-    "ia3": lambda: IA3(lr=1e-1),  # a vector per layer, starting at 1: it needs larger steps to move
-}
+
+# Larger steps than a real run's, so that a few steps on one batch move the model: full fine-tuning moves every
+# weight; IA3's vectors (one per layer, starting at 1) need the largest. A new strategy gets the default.
+TEST_LR = {"full": 1e-3, "ia3": 1e-1}
+
+
+def _for_tests(name: str):
+    """conf/strategy/<name>.yaml with the test's lr, no dropout and, where it has a rank, a small one."""
+    return make_strategy(name, lr=TEST_LR.get(name, 1e-2), dropout=0.0, rank=4, alpha=8)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +48,28 @@ def _generate(model, batch):
                               max_new_tokens=6, do_sample=False)
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_each_yaml_builds_a_strategy_named_as_its_file(name, tmp_path):
+    # The contract (`Strategy`) is all that callers read; the name is the class's and must be the YAML file's,
+    # which is what the command line (strategy=<name>) and the report's fallback for failed runs use.
+    cfg = compose_config([f"strategy={name}", "strategy.gradient_checkpointing=true"], output_dir=tmp_path)
+    from hydra.utils import instantiate
+
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    assert isinstance(strategy, Strategy) and strategy.name == name
+    assert strategy.gradient_checkpointing is True and strategy.lr == cfg.strategy.lr > 0  # benchmarks set the one
+    assert make_strategy(name, gradient_checkpointing=False).gradient_checkpointing is False
+    described = strategy.describe()
+    assert set(described) == {"label", "capacity"} and described["label"].split()[0] == name
+    capacity = described["capacity"]
+    assert capacity is None or (set(capacity) == {"key", "title", "value"}
+                                and capacity["value"] == cfg.strategy[capacity["key"]])  # a key of its YAML
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_loss_falls_on_a_repeated_batch(name, tiny_base, cpu, batch):
     torch.manual_seed(0)
-    strategy = STRATEGIES[name]()
+    strategy = _for_tests(name)
     model = strategy.build(tiny_base, cpu).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=strategy.lr)
     losses = []
@@ -80,7 +102,7 @@ def as_on_avx512_bf16(monkeypatch):
 
 
 def test_qlora_trains_the_same_after_a_validation_pass(tiny_base, cpu, batch, tokenizer, as_on_avx512_bf16):
-    model = STRATEGIES["qlora"]().build(tiny_base, cpu)
+    model = _for_tests("qlora").build(tiny_base, cpu)
     before = _adapter_gradients(model, batch)
     model.eval()  # as Lightning's validation loop does
     answer_windows(model, tokenizer, batch["input_ids"], batch["attention_mask"], 4, no_answer=True)
@@ -108,7 +130,7 @@ def test_full_trains_every_parameter(tiny_base, cpu):
 
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 def test_adapters_alone_train(name, tiny_base, cpu):
-    model = STRATEGIES[name]().build(tiny_base, cpu)
+    model = _for_tests(name).build(tiny_base, cpu)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"q", "v"}  # ...SelfAttention.q.lora_A.default.weight
@@ -116,7 +138,7 @@ def test_adapters_alone_train(name, tiny_base, cpu):
 
 
 def test_ia3_scales_keys_values_and_feed_forward_inputs(tiny_base, cpu):
-    model = STRATEGIES["ia3"]().build(tiny_base, cpu)
+    model = _for_tests("ia3").build(tiny_base, cpu)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[-3] for n in trainable} == {"k", "v", "wo"}  # ...SelfAttention.k.ia3_l.default
     config = tiny_base.config()
@@ -133,7 +155,7 @@ def test_all_linear_adapts_every_linear_layer(tiny_base, cpu):
 
 
 def test_qlora_weights_really_are_4bit(tiny_base, cpu):
-    model = STRATEGIES["qlora"]().build(tiny_base, cpu)
+    model = _for_tests("qlora").build(tiny_base, cpu)
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     names = {n.split(".")[-2] if n.endswith("base_layer") else n.split(".")[-1] for n in four_bit}
     assert names == {"q", "k", "v", "o", "wi_0", "wi_1"}  # T5 keeps wo (and lm_head) in full precision
@@ -148,10 +170,10 @@ def test_qlora_weights_really_are_4bit(tiny_base, cpu):
     assert model.base_model.model.is_activation_checkpointing
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_saved_result_reloads_with_identical_predictions(name, tiny_base, cpu, batch, tmp_path, as_on_avx512_bf16):
     torch.manual_seed(0)
-    strategy = STRATEGIES[name]()
+    strategy = _for_tests(name)
     model = strategy.build(tiny_base, cpu).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=strategy.lr)
     with torch.no_grad():

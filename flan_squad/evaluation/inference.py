@@ -59,9 +59,11 @@ def sequence_logprobs(model: nn.Module, encoder_outputs, attention_mask: torch.T
 
 
 @torch.no_grad()
-def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   max_new_tokens: int, no_answer: bool = False, encoder_outputs=None) -> list[WindowAnswer]:
-    """Greedy answer for each row, scored by its own log-probabilities; `no_answer` adds log P("unanswerable")."""
+def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int, no_answer: bool = False, encoder_outputs=None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Greedy answer token ids for each row (padded after their end of sequence), log P(answer) and, with
+    `no_answer`, log P("unanswerable"): tensors, as validation's metric accumulates them."""
     if encoder_outputs is None:
         encoder_outputs = run_encoder(model, input_ids, attention_mask)
     out = model.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
@@ -70,18 +72,36 @@ def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attenti
     tokens = out.sequences[:, 1:]  # drop the decoder start token
     step_logp = torch.stack([step.float().log_softmax(-1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
                              for i, step in enumerate(out.logits)], dim=1)
-    # Rows that finished early are padded after their end-of-sequence token: those steps do not count.
-    is_eos = tokens == tokenizer.eos_token_id
-    valid = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    logprob = (step_logp * valid).sum(1)
-    score = logprob / valid.sum(1).clamp(min=1)
-    na_logprob = [None] * len(tokens)
+    logprob = (step_logp * _answer_mask(tokens, tokenizer.eos_token_id)).sum(1)
+    na_logprob = None
     if no_answer:
         target = tokenizer(UNANSWERABLE).input_ids  # ends with </s>
         labels = torch.tensor([target] * len(tokens), device=tokens.device)
-        na_logprob = sequence_logprobs(model, encoder_outputs, attention_mask, labels).tolist()
-    texts = [answer_to_prediction(t) for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-    return [WindowAnswer(t, s, lp, na) for t, s, lp, na in zip(texts, score.tolist(), logprob.tolist(), na_logprob)]
+        na_logprob = sequence_logprobs(model, encoder_outputs, attention_mask, labels)
+    return tokens, logprob, na_logprob
+
+
+def _answer_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    # Rows that finished early are padded after their end-of-sequence token: those steps do not count.
+    is_eos = tokens == eos_token_id
+    return (is_eos.long().cumsum(1) - is_eos.long()) == 0
+
+
+def window_answers(tokenizer, tokens: torch.Tensor, logprob: torch.Tensor,
+                   na_logprob: torch.Tensor | None = None) -> list[WindowAnswer]:
+    """`generate_windows`' tensors as one `WindowAnswer` per row: the decoded text and the window score."""
+    score = logprob / _answer_mask(tokens, tokenizer.eos_token_id).sum(1).clamp(min=1)
+    texts = [answer_to_prediction(t) for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    na = [None] * len(texts) if na_logprob is None else na_logprob.tolist()
+    return [WindowAnswer(t, s, lp, n) for t, s, lp, n in zip(texts, score.tolist(), logprob.tolist(), na)]
+
+
+def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   max_new_tokens: int, no_answer: bool = False, encoder_outputs=None) -> list[WindowAnswer]:
+    """Greedy answer for each row, scored by its own log-probabilities; `no_answer` adds log P("unanswerable")."""
+    generated = generate_windows(model, tokenizer, input_ids, attention_mask, max_new_tokens, no_answer,
+                                 encoder_outputs)
+    return window_answers(tokenizer, *generated)
 
 
 # --- 2. one answer per question ------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from torch import nn
 
 from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.utils.errors import ConfigError, TrainingError
-from flan_squad.evaluation.inference import answer_windows, collect_answers, run_encoder, spellable_by
-from flan_squad.evaluation.metrics import score
+from flan_squad.evaluation.inference import generate_windows, run_encoder
+from flan_squad.evaluation.squad_metric import SquadAnswers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class SquadQAModule(L.LightningModule):
         self.max_new_tokens, self.snap_to_context = max_new_tokens, snap_to_context
         self.model: nn.Module | None = model  # given: evaluate a model as it is (flan_squad.evaluate)
         self.strict_loading = False  # checkpoints hold the trainable parameters only (see on_save_checkpoint)
-        self.windows: dict[tuple[str, int], Any] = {}  # (question id, window) -> WindowAnswer
+        self.validation_answers = SquadAnswers(tokenizer, version, max_new_tokens, snap_to_context)
+        self.windows: dict[tuple[str, int], Any] = {}  # (question id, window) -> WindowAnswer, of the last validation
         self.predictions: dict[str, str] = {}
         self.na_probs: dict[str, float] | None = None  # SQuAD v2: see flan_squad.evaluation.inference
         self.answer_stats: dict[str, int] = {}
@@ -105,35 +106,35 @@ class SquadQAModule(L.LightningModule):
 
     # --- validation --------------------------------------------------------------------------------
 
-    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.evaluation.inference):
-    # every context window is answered and scored, then each question gets its best window's answer,
-    # snapped to the context, and (v2) a no-answer probability.
+    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.evaluation.inference): every
+    # context window is answered; the metric (flan_squad.evaluation.squad_metric) gathers them from every process and gives
+    # each question its best window's answer, snapped to the context, and (v2) a no-answer probability.
 
     def on_validation_epoch_start(self) -> None:
-        self.windows = {}
+        self.validation_answers.reset()
+        self.validation_answers.set_questions(self.trainer.datamodule.val_questions)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         encoder_outputs = run_encoder(self.model, batch["input_ids"], batch["attention_mask"])
         loss = self.model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
-        answers = answer_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
-                                 self.max_new_tokens, no_answer=self.version == "v2", encoder_outputs=encoder_outputs)
-        self.windows.update(zip(zip(batch["ids"], batch["windows"]), answers))
+        generated = generate_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                     self.max_new_tokens, no_answer=self.version == "v2",
+                                     encoder_outputs=encoder_outputs)
+        self.validation_answers.update(batch["ids"], batch["windows"], *generated)
 
     def on_validation_epoch_end(self) -> None:
-        windows = _gather_predictions(self.windows)
         if self.trainer.sanity_checking:
             return
-        answered = {qid for qid, _ in windows}
-        questions = [q for q in self.trainer.datamodule.val_questions if q.id in answered]
-        skipped = len(self.trainer.datamodule.val_questions) - len(questions)
+        result = self.validation_answers.compute()  # gathered from every process: the same on each
+        skipped = len(self.trainer.datamodule.val_questions) - len(result.questions)
         if skipped:
             log.warning("validation covered %d of %d questions (trainer.limit_val_batches?): scoring those only",
-                        len(questions), len(questions) + skipped)
-        answers = collect_answers(questions, windows, self.snap_to_context, spellable_by(self.tokenizer))
+                        len(result.questions), len(result.questions) + skipped)
+        self.windows, self.scores = result.windows, result.scores
+        answers = result.answers
         self.predictions, self.na_probs, self.answer_stats = answers.predictions, answers.na_probs, answers.stats
-        self.scores = score(self.version, questions, self.predictions, self.na_probs)
         for key, value in self.scores.items():  # identical on every process: no sync needed
             self.log(f"val/{key}", float(value), prog_bar=key in ("exact", "f1"))
 
@@ -180,14 +181,3 @@ def _restore_rng_states(states: dict) -> None:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
-
-def _gather_predictions(local: dict) -> dict:
-    """Merge every process's predictions; the distributed sampler's padding repeats ids, which merge away."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local
-    gathered: list[dict[str, str]] = [{} for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(gathered, local)
-    merged: dict[str, str] = {}
-    for part in gathered:
-        merged.update(part)
-    return merged

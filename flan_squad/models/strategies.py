@@ -3,7 +3,8 @@
 `Strategy` is all the rest of the project knows of a strategy: training builds and saves the model through
 it, evaluate and predict load the result, export turns it into a plain Hugging Face model, and reports show
 what `describe()` said (training records it in metrics.json). No other module knows a strategy's name or
-fields, so adding a strategy means one class here and one YAML file in `conf/strategy/` (its `_target_`).
+fields, so adding a strategy means one class here and one YAML file `conf/strategy/<its name>.yaml` (its
+`_target_`, `lr`, `gradient_checkpointing`); the strategy and report tests then cover it (they read conf/strategy/).
 
 - `FullFineTuning`: every parameter trains; the whole model is saved.
 - `Adapters` (PEFT) on a frozen base, the only part that trains and is saved; an export merges them into
@@ -31,10 +32,12 @@ _CPU = torch.device("cpu")
 
 @runtime_checkable
 class Strategy(Protocol):
-    """How a run trains: built from `conf/strategy/<name>.yaml`."""
+    """How a run trains: built from `conf/strategy/<name>.yaml`. Everything any other module reads from a
+    strategy is named here; every shipped YAML builds one (tests/test_strategies.py checks each)."""
 
-    name: str  # the conf/strategy option; metrics.json["strategy"]
+    name: str  # metrics.json["strategy"]; stated by the class only, and equal to its YAML file's name (checked)
     lr: float  # the learning rate it trains with
+    gradient_checkpointing: bool  # recompute activations in backward: less memory, more time (the benchmarks switch it)
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
         """The base model as this strategy trains on it (e.g. in 4-bit), untrained: evaluation's baseline."""

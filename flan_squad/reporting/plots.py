@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display here, nor on CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-if TYPE_CHECKING:
-    from flan_squad.report import Run, Setting
+from flan_squad.reporting.runs import Run, Setting  # noqa: E402
 
 
 def _colours(strategies: set[str]) -> dict[str, str]:
@@ -46,40 +44,50 @@ def write_plots(settings: list[Setting], out: Path) -> list[Path]:
     return written + [p for p in (curves, *heat) if p is not None]
 
 
+# Marker shapes within a strategy's colour, one per setting; past these, the same shapes again, hollow.
+MARKERS = "osD^vPX*ph<>d"
+
+
 def _scatter(settings: list[Setting], key: str, label: str, path: Path, colours: dict[str, str]) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in sorted({s.first.strategy for s in settings}):
-        points = [s for s in settings if s.first.strategy == strategy and s.mean(key) is not None
-                  and s.mean("f1") is not None]
-        if not points:
-            continue
-        ax.errorbar([s.mean(key) for s in points], [s.mean("f1") for s in points],
-                    xerr=[s.std(key) or 0 for s in points], yerr=[s.std("f1") or 0 for s in points],
-                    fmt="o", markersize=9, capsize=3, color=colours[strategy], label=strategy)
-        for s in points:
-            text = s.first.approach
-            if len({p.first.lr for p in points}) > 1 and isinstance(s.first.lr, float):
-                text += f" lr={s.first.lr:g}"
-            if len({p.first.dataset for p in settings}) > 1:
-                text += f" · {s.first.dataset}"
-            ax.annotate(text, (s.mean(key), s.mean("f1")), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    ax.set_xlabel(label)
-    ax.set_ylabel("F1 (validation)")
-    ax.set_title(_title(f"F1 vs {label}", [r for s in settings for r in s.runs]), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(title="strategy")
-    ax.margins(0.15)
-    _f1_axis(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig = scatter_figure(settings, key, label, colours)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the legend beside the axes is kept
     plt.close(fig)
     return path
 
 
+def scatter_figure(settings: list[Setting], key: str, label: str, colours: dict[str, str]):
+    """F1 against `key`, one point per setting: colour = strategy, shape = setting within it. Points are named
+    in a legend beside the axes, not by text beside them: nearby points' labels would print over each other."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    many_datasets = len({s.first.dataset for s in settings}) > 1
+    for strategy in sorted({s.first.strategy for s in settings}):
+        points = [s for s in settings if s.first.strategy == strategy and s.mean(key) is not None
+                  and s.mean("f1") is not None]
+        many_lrs = len({p.first.lr for p in points}) > 1
+        for i, s in enumerate(points):
+            text = s.first.approach
+            if many_lrs and isinstance(s.first.lr, float):
+                text += f" lr={s.first.lr:g}"
+            if many_datasets:
+                text += f" · {s.first.dataset}"
+            ax.errorbar([s.mean(key)], [s.mean("f1")], xerr=[s.std(key) or 0], yerr=[s.std("f1") or 0],
+                        fmt=MARKERS[i % len(MARKERS)], fillstyle="full" if i < len(MARKERS) else "none",
+                        markersize=9, capsize=3, color=colours[strategy], label=text)
+    ax.set_xlabel(label)
+    ax.set_ylabel("F1 (validation)")
+    ax.set_title(_title(f"F1 vs {label}", [r for s in settings for r in s.runs]), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(title="setting", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, borderaxespad=0)
+    ax.margins(0.15)
+    _f1_axis(ax)
+    fig.tight_layout()
+    return fig
+
+
 def _f1_axis(ax) -> None:
     """F1 is 0-100: no negative range, and some height when every run scored 0 (random init)."""
-    top = max(ax.get_ylim()[1], 1.0)
-    ax.set_ylim(-0.04 * top, top)  # a little room below 0, so points at 0 are not cut in half
+    top = max(ax.dataLim.y1, 1.0)
+    ax.set_ylim(-0.04 * top, 1.04 * top)  # room below 0 and above the best, so no point is cut in half
 
 
 def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
@@ -90,7 +98,7 @@ def read_curve(run: Run, tag: str = "val/f1") -> list[tuple[int, float]]:
 
         events = EventAccumulator(str(run.path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
         if tag in events.Tags().get("scalars", []):
-            points = {e.step: e.value for e in events.Scalars(tag)}  # the final re-validation repeats a step
+            points = {e.step: e.value for e in events.Scalars(tag)}
     if not points and (run.path / "csv" / "metrics.csv").is_file():
         with open(run.path / "csv" / "metrics.csv", newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):

@@ -39,6 +39,7 @@ class Restored:
     version: str  # the SQuAD version (prompt) the run was trained on
     config: DictConfig
     source: str  # what is being used, for metrics.json and messages
+    approach: dict[str, Any]  # how reports show it: the run's `strategy.describe()`, or the untrained base
 
 
 def run_config(run_dir: str | Path) -> DictConfig:
@@ -125,7 +126,8 @@ def load_run(run_dir: str | Path, device: torch.device) -> Restored:
     strategy = build_section(run_dir, cfg, "strategy")
     model = restore_weights(run_dir, lambda model_dir: strategy.load(model_dir, base, device))
     tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "model")
-    return Restored(base, strategy, model.eval(), tokenizer, cfg.dataset.version, cfg, f"run {run_dir}")
+    return Restored(base, strategy, model.eval(), tokenizer, cfg.dataset.version, cfg, f"run {run_dir}",
+                    strategy.describe())
 
 
 def load_base(cfg: DictConfig, device: torch.device) -> Restored:
@@ -134,7 +136,7 @@ def load_base(cfg: DictConfig, device: torch.device) -> Restored:
     strategy = instantiate(cfg.strategy, _convert_="all")
     model = strategy.load_base(base, device)
     return Restored(base, strategy, model.eval(), base.load_tokenizer(), cfg.dataset.version, cfg,
-                    f"base model {base.label}")
+                    f"base model {base.label}", {"label": "base model, not fine-tuned", "capacity": None})
 
 
 def restore(cfg: DictConfig, device: torch.device) -> Restored:
