@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from flan_squad.utils.errors import print_error
 from flan_squad.runs.status import STATUS_FILE
 from flan_squad.reporting.plots import write_plots
 from flan_squad.reporting.runs import ReportError, Run, Setting, find_run_dirs, group, read_run
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out, settings, plots = build_report(args.paths, args.out)
     except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print((out / "results.md").read_text(encoding="utf-8"))
     completed = sum(len(s.runs) for s in settings if s.status == "completed")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in others:
         print(f"  {run.status}: {run.path}: {run.error}", file=sys.stderr)
     if not completed:
-        print("error: no completed run to compare (see the failed/incomplete rows above)", file=sys.stderr)
+        print_error("no completed run to compare (see the failed/incomplete rows above)")
         return 1
     return 0
 

@@ -15,16 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
-from flan_squad.utils.errors import FlanSquadError
+from flan_squad.utils.errors import FlanSquadError, print_error
 from flan_squad.utils.files import write_json_atomic
-from flan_squad.evaluation.metrics import evaluate_v1, evaluate_v2, normalize_answer
-from flan_squad.data.squad import Question, read_squad_file
-
-
-class ScoreError(FlanSquadError, ValueError):
-    """An input file that cannot be scored; the message names it."""
+from flan_squad.evaluation.metrics import ScoreError, score
+from flan_squad.data.squad import read_squad_file
 
 
 def read_json_object(path: str | Path, what: str, value_type: type | tuple) -> dict:
@@ -51,48 +47,6 @@ def check_probabilities(path: str | Path, na_probs: Mapping[str, float]) -> None
             raise ScoreError(f"{path}: the no-answer probability for {key!r} is {value}: expected a number in [0, 1]")
 
 
-def wrong_answer(question: Question) -> str:
-    """A prediction that scores 0 on `question` under both versions' rules: non-empty, no shared token."""
-    gold_tokens = {t for a in question.answers for t in normalize_answer(a).split()}
-    filler = "\u2205"  # survives normalisation (not ASCII punctuation), so it is never "no answer"
-    while filler in gold_tokens:
-        filler += "\u2205"
-    return filler
-
-
-def official_scores(
-    version: str,
-    questions: Sequence[Question],
-    predictions: Mapping[str, str],
-    na_probs: Mapping[str, float] | None = None,
-    na_prob_thresh: float = 1.0,
-    allow_missing: bool = False,
-) -> tuple[dict, list[str]]:
-    """The official script's output for `version`, and the ids that had no prediction.
-
-    A missing prediction raises `ScoreError` unless `allow_missing`, which scores it as wrong (and, on
-    v2, as answered with no-answer probability 0, so no threshold can make it right).
-    """
-    missing = [q.id for q in questions if q.id not in predictions]
-    if missing and not allow_missing:
-        raise ScoreError(
-            f"{len(missing)} of {len(questions)} questions have no prediction, e.g. {missing[:5]} "
-            f"(--allow-missing scores them as wrong)"
-        )
-    predictions = dict(predictions)
-    for q in questions:
-        if q.id not in predictions:
-            predictions[q.id] = wrong_answer(q)
-    if version == "v1":
-        return evaluate_v1(questions, predictions), missing
-    if na_probs is not None:
-        na_probs = {**na_probs, **{qid: 0.0 for qid in missing}}
-        lacking = [qid for qid in predictions if qid not in na_probs]
-        if lacking:
-            raise ScoreError(f"no no-answer probability for {len(lacking)} predicted question(s), e.g. {lacking[:5]}")
-    return evaluate_v2(questions, predictions, na_probs, na_prob_thresh), missing
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flan_squad.score",
@@ -116,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ScoreError(f"--na-prob-file: {args.data_file} is SQuAD v1.1 data, which has no no-answer scores")
             na_probs = read_json_object(args.na_prob_file, "no-answer probability", (int, float))
             check_probabilities(args.na_prob_file, na_probs)
-        result, missing = official_scores(version, questions, predictions, na_probs, args.na_prob_thresh,
-                                          args.allow_missing)
+        result = score(version, questions, predictions, na_probs, na_prob_thresh=args.na_prob_thresh,
+                       missing="wrong" if args.allow_missing else "refuse")
     except FlanSquadError as e:  # a DataError or a ScoreError: the message names the file
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
+    missing = sum(q.id not in predictions for q in questions)
     if missing:
-        print(f"{len(missing)} of {len(questions)} questions had no prediction and were scored as wrong",
-              file=sys.stderr)
+        print(f"{missing} of {len(questions)} questions had no prediction and were scored as wrong", file=sys.stderr)
+    if version == "v1":  # the v1.1 script's own keys
+        result = {"exact_match": result["exact"], "f1": result["f1"]}
     if args.out_file:
         write_json_atomic(args.out_file, result)
     else:  # the official scripts' layouts: v1.1 on one line, v2.0 indented

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flan_squad.evaluation.metrics import normalize_answer, score
+from flan_squad.evaluation.metrics import ScoreError, normalize_answer, score
 from flan_squad.data.squad import Question
 
 
@@ -43,6 +43,14 @@ def test_v2_empty_answers_and_breakdowns():
     assert result["NoAns_total"] == 2 and result["NoAns_exact"] == 50.0
 
 
-def test_missing_predictions_are_refused():
-    with pytest.raises(KeyError, match="1 question"):
-        score("v1", [q("1", "a"), q("2", "b")], {"1": "a"})
+def test_missing_predictions_are_refused_unless_the_caller_says_they_are_wrong():
+    questions = [q("1", "Paris"), q("2", "Rome")]
+    with pytest.raises(ScoreError, match=r"1 of 2 questions have no prediction, e.g. \['2'\]"):
+        score("v1", questions, {"1": "Paris"})
+    assert score("v1", questions, {"1": "Paris"}, missing="wrong") == {"exact": 50.0, "f1": 50.0, "total": 2}
+    # v2: a missing answer counts as answered (no-answer probability 0): no threshold can make it right
+    v2 = [q("1", "Paris"), Question("2", "Q?", "ctx", ())]
+    result = score("v2", v2, {"1": "Paris"}, {"1": 0.2}, missing="wrong")
+    assert result["exact"] == 50.0 and result["NoAns_exact"] == 0.0 and result["best_exact"] == 50.0
+    with pytest.raises(ValueError, match="missing='skip'"):
+        score("v1", questions, {"1": "Paris", "2": "Rome"}, missing="skip")

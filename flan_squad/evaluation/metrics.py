@@ -18,6 +18,7 @@ import string
 from typing import Mapping, Sequence
 
 from flan_squad.data.squad import Question
+from flan_squad.utils.errors import FlanSquadError
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -157,26 +158,61 @@ def evaluate_v2(
 # --- one entry point for the project ------------------------------------------------------------
 
 
+class ScoreError(FlanSquadError, ValueError):
+    """Predictions that cannot be scored (e.g. some questions have none); the message says which."""
+
+
+MISSING_POLICIES = ("refuse", "wrong")
+
+
 def score(
     version: str,
     questions: Sequence[Question],
     predictions: Mapping[str, str],
     na_probs: Mapping[str, float] | None = None,
+    *,
+    missing: str = "refuse",
+    na_prob_thresh: float = 1.0,
 ) -> dict:
-    """Score with the rules of SQuAD `version` ("v1" or "v2"), in a common shape.
+    """Score with the rules of SQuAD `version` ("v1" or "v2"), in a common shape: the one scoring function of
+    training validation, `flan_squad.evaluate` and `flan_squad.score`.
 
     Returns `exact`, `f1`, `total` for both versions (v1.1's `exact_match` is renamed `exact`), plus the
-    v2 breakdowns. Every question must have a prediction: the official scripts disagree on what a missing
-    one means (v1.1 scores it 0, v2.0 drops it from the total), so this refuses to guess.
+    v2 breakdowns (and `best_*` with `na_probs`). A question without a prediction is what `missing` says:
+    "refuse" (a `ScoreError` naming the ids: the official scripts disagree on what it means, v1.1 scoring it 0
+    and v2.0 dropping it from the total), or "wrong" (a prediction sharing no token with any gold answer, and on
+    v2 a no-answer probability of 0, so that no threshold can make it right).
     """
-    missing = [q.id for q in questions if q.id not in predictions]
-    if missing:
-        raise KeyError(f"{len(missing)} question(s) have no prediction, e.g. {missing[:5]}")
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing={missing!r}: expected one of {MISSING_POLICIES}")
     if not questions:
-        raise ValueError("no questions to score")
+        raise ScoreError("no questions to score")
+    absent = [q.id for q in questions if q.id not in predictions]
+    if absent and missing == "refuse":
+        raise ScoreError(f"{len(absent)} of {len(questions)} questions have no prediction, e.g. {absent[:5]} "
+                         f"(flan_squad.score --allow-missing scores them as wrong)")
+    if absent:
+        by_id = {q.id: q for q in questions}
+        predictions = {**predictions, **{qid: wrong_answer(by_id[qid]) for qid in absent}}
+        if na_probs is not None:
+            na_probs = {**na_probs, **{qid: 0.0 for qid in absent}}
     if version == "v1":
         official = evaluate_v1(questions, predictions)
         return {"exact": official["exact_match"], "f1": official["f1"], "total": len(questions)}
     if version == "v2":
-        return evaluate_v2(questions, predictions, na_probs)
+        if na_probs is not None:
+            lacking = [qid for qid in predictions if qid not in na_probs]
+            if lacking:
+                raise ScoreError(f"no no-answer probability for {len(lacking)} predicted question(s), "
+                                 f"e.g. {lacking[:5]}")
+        return evaluate_v2(questions, predictions, na_probs, na_prob_thresh)
     raise ValueError(f"unknown SQuAD version {version!r}: expected 'v1' or 'v2'")
+
+
+def wrong_answer(question: Question) -> str:
+    """A prediction that scores 0 on `question` under both versions' rules: non-empty, no shared token."""
+    gold_tokens = {t for a in question.answers for t in normalize_answer(a).split()}
+    filler = "\u2205"  # survives normalisation (not ASCII punctuation), so it is never "no answer"
+    while filler in gold_tokens:
+        filler += "\u2205"
+    return filler

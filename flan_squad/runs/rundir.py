@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.utils.errors import RunDirError, _in_multirun, user_error
+from flan_squad.utils.errors import RunDirError, _in_multirun, print_error, user_error
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RunDirCheck(Callback):
                 # this run is refused or fails and the previous run's files are put back.
                 _hydra_files[directory] = {p: p.read_bytes() for p in (directory / ".hydra").glob("*.yaml")}
         except RunDirError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print_error(e)
             sys.exit(2)
 
 

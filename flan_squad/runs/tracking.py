@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.errors import ConfigError, print_error
 from flan_squad.utils.files import write_json_atomic
 from flan_squad.runs.model_card import command_line, read_json
 from flan_squad.runs.results import weights_note
@@ -290,7 +290,7 @@ def _check_or_exit(config: DictConfig) -> Store | None:
         try:
             store.check()
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)  # as `errors.exit_on_error` does, before Hydra starts the job
+            print_error(e)  # as `errors.exit_on_error` does, before Hydra starts the job
             sys.exit(2)
     return store
 

@@ -53,8 +53,13 @@ def exit_on_error() -> Iterator[None]:
         error = user_error(e)
         if error is None or _in_multirun():
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         sys.exit(error.exit_code)
+
+
+def print_error(error: BaseException | str) -> None:
+    """How every entry point shows a user error: `error: <message>`, one line on stderr, stdout untouched."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
 
 
 def user_error(e: BaseException) -> FlanSquadError | None:
