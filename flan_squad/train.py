@@ -106,6 +106,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def optimized_metric(cfg: DictConfig, metrics: dict[str, Any]) -> float:
+    """The value a sweeper optimises: metrics.json's `optimized_metric` (f1 by default)."""
+    key = cfg.get("optimized_metric", "f1")
+    if not isinstance(metrics.get(key), (int, float)):
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"optimized_metric={key}: not a number in this run's metrics.json (it has: "
+                          f"{', '.join(numeric[:12])}, ...); its results are written")
+    return float(metrics[key])
+
+
 def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     several = cfg.trainer.get("devices", 1) not in (1, "1") or cfg.trainer.get("num_nodes", 1) != 1
@@ -122,7 +132,7 @@ register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 def main(cfg: DictConfig) -> float:
     with exit_on_error():
         _refuse_ddp_in_local_multirun(cfg)
-        return train(cfg)["f1"]  # what a sweeper maximises
+        return optimized_metric(cfg, train(cfg))
 
 
 if __name__ == "__main__":

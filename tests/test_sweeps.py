@@ -109,3 +109,15 @@ def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path, run_entry_point
     assert len(trials) == 2 and all(t["strategy"] == "lora" for t in trials)
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "strategy.rank" in best
+
+
+def test_main_returns_the_optimized_metric_to_the_sweeper():
+    from flan_squad.train import optimized_metric
+    from flan_squad.utils.errors import ConfigError
+
+    metrics = {"f1": 61.5, "NoAns_f1": 80.0, "exact": 50.0, "strategy": "lora"}
+    assert compose_with_hydra([]).optimized_metric == "f1"
+    assert optimized_metric(compose_with_hydra([]), metrics) == 61.5
+    assert optimized_metric(compose_with_hydra(["optimized_metric=NoAns_f1"]), metrics) == 80.0
+    with pytest.raises(ConfigError, match="optimized_metric=strategy: not a number .* NoAns_f1, exact, f1"):
+        optimized_metric(compose_with_hydra(["optimized_metric=strategy"]), metrics)
