@@ -40,6 +40,7 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTraining
 
 from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.config import compose  # noqa: E402
+from flan_squad.runs.restore import build_parts  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
 from flan_squad.runs.results import PeakMemory  # noqa: E402
 
@@ -89,10 +90,9 @@ class _Setup:
 
     def __init__(self, spec: Spec, output_dir: str):
         self.cfg = cfg = compose_config(spec, output_dir)
-        self.base = instantiate(cfg.model, _convert_="all")
-        self.tokenizer = self.base.load_tokenizer()
+        parts = build_parts(cfg)
+        self.base, self.strategy, self.tokenizer = parts.base, parts.strategy, parts.tokenizer
         self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed)
-        self.strategy = instantiate(cfg.strategy, _convert_="all")
         self.device = torch.device(spec.device)
 
 

@@ -29,8 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.results import PeakMemory, framed  # noqa: E402
+from flan_squad.runs.results import PeakMemory, framed, write_results  # noqa: E402
 from flan_squad.runs.rundir import owns_run_dir  # noqa: E402
 from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 
@@ -116,11 +115,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
     }
     if v.trainer.is_global_zero:
-        write_json_atomic(output_dir / "predictions.json", module.predictions)
-        if module.na_probs is not None:
-            write_json_atomic(output_dir / "na_probs.json", module.na_probs)
-        write_json_atomic(output_dir / "metrics.json", metrics)
-        print(_summary(metrics), flush=True)
+        write_results(output_dir, module.predictions, module.na_probs, metrics, _summary(metrics))
     return metrics
 
 

@@ -23,7 +23,7 @@ from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
 from flan_squad.runs.rundir import check_directory, hold  # noqa: E402
-from flan_squad.runs.restore import RunError, build_section, restore_weights, run_config  # noqa: E402
+from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config  # noqa: E402
 from flan_squad.runs.model_card import command_line, read_json, run_command, write_model_card  # noqa: E402
 
 
@@ -33,17 +33,13 @@ def export(run_dir: str | Path, output_dir: str | Path) -> Path:
 
 
 def _export(run_dir: Path, output_dir: Path) -> Path:
-    from transformers import AutoTokenizer
-
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         # never overwrite; and a dir holding adapter files would re-apply them on load
         raise RunError(f"output_dir={output_dir}: exists and is not empty; export into a new dir")
     cfg = run_config(run_dir)
-    base = build_section(run_dir, cfg, "model")
-    strategy = build_section(run_dir, cfg, "strategy")
-    model_dir = run_dir / "model"
+    parts = build_parts(cfg, run_dir)
+    base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
     model = restore_weights(run_dir, lambda directory: strategy.export(directory, base))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     metrics = read_json(run_dir / "metrics.json")  # for the model card; a run copied without it gets none
 
     def write(staging: Path) -> None:

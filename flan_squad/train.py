@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs.results import CostMonitor, summary  # noqa: E402
+from flan_squad.utils.files import write_dir_atomic  # noqa: E402
+from flan_squad.runs.restore import build_parts  # noqa: E402
+from flan_squad.runs.results import CostMonitor, summary, write_results  # noqa: E402
 from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
 from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
@@ -47,11 +48,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    base = instantiate(cfg.model, _convert_="all")
+    parts = build_parts(cfg)
+    base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
     base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
-    tokenizer = base.load_tokenizer()
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer)
-    strategy = instantiate(cfg.strategy, _convert_="all")
     module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
     cost = CostMonitor()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
@@ -97,12 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / "predictions.json", module.predictions)
-        if module.na_probs is not None:  # SQuAD v2
-            write_json_atomic(output_dir / "na_probs.json", module.na_probs)
-        write_json_atomic(output_dir / "metrics.json", metrics)
         write_model_card(output_dir / "model", metrics, cfg, command_line())
-        print(summary(metrics, output_dir), flush=True)
+        write_results(output_dir, module.predictions, module.na_probs, metrics, summary(metrics, output_dir))
     return metrics
 
 

@@ -51,7 +51,9 @@ def test_smoke_run_writes_complete_results(strategy, dataset, tmp_path, cache_di
     assert on_disk["train_examples"] == 16 and on_disk["val_examples"] == on_disk["total"] == 12
     assert on_disk["optimizer_steps"] == 2 and on_disk["train_examples_seen"] == 16
     # This process's peak resident set while training, in MB (not kB, not bytes); the loop's time, within the run's
-    assert 0.9 * rss_before <= on_disk["peak_memory_mb"] <= _memory_mb("VmHWM") + 0.05  # (rounded to 0.1 MB)
+    # (the high-water mark is reset between training and validation, so /proc's VmHWM no longer bounds it; a tiny
+    # model adds far less than 1 GB to what the process held before, and a figure in kB would be ~1000x that)
+    assert 0.9 * rss_before <= on_disk["peak_memory_mb"] <= rss_before + 1024
     assert on_disk["peak_memory_kind"] == "rss"
     assert 0 < on_disk["train_time_s"] < wall
     assert 0 < on_disk["trainable_params"] <= on_disk["total_params"]

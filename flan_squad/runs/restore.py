@@ -99,6 +99,28 @@ def _special_keys(value: Any, prefix: str = "") -> list[str]:
     return found
 
 
+@dataclass
+class RunParts:
+    """What every run starts from: which weights (`base`), how they train or load (`strategy`), the tokenizer."""
+
+    base: BaseModel
+    strategy: Strategy
+    tokenizer: Any
+
+
+def build_parts(cfg: DictConfig, run_dir: str | Path | None = None) -> RunParts:
+    """The base, strategy and tokenizer of a run: the one place train, evaluate, predict, export and the benchmarks
+    build them. From a config composed from conf/ (`run_dir=None`: its `_target_`s are the project's own), or from
+    a run dir's config.yaml, built by the project's own classes only (`build_section`), with the run's tokenizer."""
+    if run_dir is None:
+        base = instantiate(cfg.model, _convert_="all")
+        return RunParts(base, instantiate(cfg.strategy, _convert_="all"), base.load_tokenizer())
+    from transformers import AutoTokenizer
+
+    return RunParts(build_section(run_dir, cfg, "model"), build_section(run_dir, cfg, "strategy"),
+                    AutoTokenizer.from_pretrained(Path(run_dir) / "model"))
+
+
 def restore_weights(run_dir: str | Path, load) -> nn.Module:
     """`load(model_dir)` (a strategy's load or export), its failure on a missing or damaged weights file told in one
     line naming the file."""
@@ -119,24 +141,19 @@ def restore_weights(run_dir: str | Path, load) -> nn.Module:
 
 def load_run(run_dir: str | Path, device: torch.device) -> Restored:
     """The run's model (full, or adapter on its base) and tokenizer, on `device`."""
-    from transformers import AutoTokenizer
-
     cfg = run_config(run_dir)
-    base = build_section(run_dir, cfg, "model")
-    strategy = build_section(run_dir, cfg, "strategy")
-    model = restore_weights(run_dir, lambda model_dir: strategy.load(model_dir, base, device))
-    tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "model")
-    return Restored(base, strategy, model.eval(), tokenizer, cfg.dataset.version, cfg, f"run {run_dir}",
-                    strategy.describe())
+    parts = build_parts(cfg, run_dir)
+    model = restore_weights(run_dir, lambda model_dir: parts.strategy.load(model_dir, parts.base, device))
+    return Restored(parts.base, parts.strategy, model.eval(), parts.tokenizer, cfg.dataset.version, cfg,
+                    f"run {run_dir}", parts.strategy.describe())
 
 
 def load_base(cfg: DictConfig, device: torch.device) -> Restored:
     """The base model as it is, loaded the way `cfg.strategy` loads it (e.g. 4-bit for qlora)."""
-    base = instantiate(cfg.model, _convert_="all")
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    model = strategy.load_base(base, device)
-    return Restored(base, strategy, model.eval(), base.load_tokenizer(), cfg.dataset.version, cfg,
-                    f"base model {base.label}", {"label": "base model, not fine-tuned", "capacity": None})
+    parts = build_parts(cfg)
+    model = parts.strategy.load_base(parts.base, device)
+    return Restored(parts.base, parts.strategy, model.eval(), parts.tokenizer, cfg.dataset.version, cfg,
+                    f"base model {parts.base.label}", {"label": "base model, not fine-tuned", "capacity": None})
 
 
 def restore(cfg: DictConfig, device: torch.device) -> Restored:

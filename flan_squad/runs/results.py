@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from flan_squad.utils.files import write_json_atomic
+
 
 class PeakMemory:
     """Peak memory of this process since `reset()`: max allocated on CUDA, peak resident set on CPU.
@@ -156,3 +158,15 @@ def summary(metrics: dict[str, Any], output_dir: Path) -> str:
         + (f"; {metrics['params_4bit']:,} stored in 4-bit" if metrics.get("params_4bit") else ""),
         f"  artefacts  {output_dir}",
     ], metrics)
+
+
+def write_results(output_dir: Path, predictions: dict[str, str], na_probs: dict[str, float] | None,
+                  metrics: dict[str, Any], summary_text: str) -> None:
+    """What a training run or an evaluation leaves, each file whole or not at all: `predictions.json`,
+    `na_probs.json` (SQuAD v2), and `metrics.json` last (its presence means the results are complete); then
+    prints the summary. Call on rank 0 only."""
+    write_json_atomic(output_dir / "predictions.json", predictions)
+    if na_probs is not None:
+        write_json_atomic(output_dir / "na_probs.json", na_probs)
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(summary_text, flush=True)
