@@ -42,7 +42,7 @@ from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.config import compose  # noqa: E402
 from flan_squad.runs.restore import build_parts  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.results import PeakMemory  # noqa: E402
+from flan_squad.runs.cost import PeakMemory  # noqa: E402
 
 from benchmarks.flops import train_flops  # noqa: E402
 

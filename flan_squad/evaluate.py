@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
-from flan_squad.runs.results import PeakMemory, framed, write_results  # noqa: E402
+from flan_squad.runs.cost import PeakMemory  # noqa: E402
+from flan_squad.runs.results import framed, write_results  # noqa: E402
 from flan_squad.runs.rundir import owns_run_dir  # noqa: E402
 from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 

@@ -25,7 +25,8 @@ from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic  # noqa: E402
 from flan_squad.runs.restore import build_parts  # noqa: E402
-from flan_squad.runs.results import CostMonitor, summary, write_results  # noqa: E402
+from flan_squad.runs.cost import CostMonitor  # noqa: E402
+from flan_squad.runs.results import summary, write_results  # noqa: E402
 from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
 from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402

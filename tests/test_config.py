@@ -58,6 +58,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "dataset":
         dm = instantiate(cfg.dataset, tokenizer=None)
         assert (dm.name, dm.version) == (option, option[-2:])  # squad_v2, planted_v2: SQuAD 2.0 prompts and rules
+        dm.prepare_data()  # the planted task's files are generated here (its config only names them)
         assert Path(dm.validation_file).is_file() and read_squad_file(dm.validation_file)[0] == dm.version
     elif group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         # No GPU to build on: the config composes, in fp32 (no native bf16 without one), and FSDP's strategy builds.

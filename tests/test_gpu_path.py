@@ -11,7 +11,7 @@ import torch
 from conftest import compose_config
 
 from flan_squad.utils.precision import auto_precision
-from flan_squad.runs.results import CostMonitor
+from flan_squad.runs.cost import CostMonitor
 from flan_squad.train import train
 
 

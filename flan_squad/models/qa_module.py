@@ -8,7 +8,6 @@ them into a trainable model; `SquadQAModule` trains it.
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Callable
 
 import lightning as L
@@ -17,6 +16,7 @@ from torch import nn
 
 from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.utils.errors import ConfigError, TrainingError
+from flan_squad.utils.rng import capture_rng_states, restore_rng_states
 from flan_squad.evaluation.inference import generate_windows, run_encoder
 from flan_squad.evaluation.squad_metric import SquadAnswers
 
@@ -141,7 +141,7 @@ class SquadQAModule(L.LightningModule):
     # --- checkpoints: trainable parameters only ------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = _rng_states()  # dropout continues exactly after a resume
+        checkpoint["rng_states"] = capture_rng_states()  # dropout continues exactly after a resume
         parameters = dict(self.named_parameters())
         if all(p.requires_grad for p in parameters.values()):
             return  # full fine-tuning: the whole state is needed
@@ -155,29 +155,4 @@ class SquadQAModule(L.LightningModule):
         if unknown:
             raise ConfigError(f"checkpoint does not match this model/strategy: unknown keys {sorted(unknown)[:3]}")
         if "rng_states" in checkpoint:
-            _restore_rng_states(checkpoint["rng_states"])
-
-
-def linear_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1):
-    """Linear warm-up over `warmup_ratio` of the steps, then linear decay to 0 (the reference setup's schedule)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    if not 0 <= warmup_ratio < 1:
-        raise ConfigError(f"module.scheduler.warmup_ratio={warmup_ratio}: must be in [0, 1)")
-    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
-
-
-def _rng_states() -> dict:
-    # Tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(tuple(states["python"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
+            restore_rng_states(checkpoint["rng_states"])
