@@ -15,7 +15,7 @@ import statistics
 from hydra.utils import instantiate
 
 from flan_squad.utils.config import compose
-from flan_squad.data.datamodule import LengthGroupedSampler
+from flan_squad.data.sampler import LengthGroupedSampler
 
 
 def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:

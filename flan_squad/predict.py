@@ -26,7 +26,8 @@ from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
 from flan_squad.evaluation.inference import answer_questions  # noqa: E402
 from flan_squad.runs.restore import restore  # noqa: E402
-from flan_squad.data.squad import UNANSWERABLE, DataError, Question  # noqa: E402
+from flan_squad.data.prompts import UNANSWERABLE
+from flan_squad.data.squad import DataError, Question  # noqa: E402
 
 
 def read_questions(path: str | Path) -> list[Question]:

@@ -7,8 +7,10 @@ import json
 import pytest
 
 from conftest import DEV_V1, DEV_V2, TRAIN_V2_SAMPLE
-from flan_squad.data.datamodule import SquadDataModule, collate, encode, read_squad_hub, sample
-from flan_squad.data.squad import INSTRUCTIONS, UNANSWERABLE, DataError, Question, answer_to_prediction, read_squad_file
+from flan_squad.data.datamodule import SquadDataModule, read_squad_hub, sample
+from flan_squad.data.encoding import collate, encode
+from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE, answer_to_prediction
+from flan_squad.data.squad import DataError, Question, read_squad_file
 
 
 @pytest.fixture(scope="module")

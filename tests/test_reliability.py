@@ -86,7 +86,7 @@ def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(t
 
 
 def test_the_loader_position_skips_only_what_its_epoch_trained_on():
-    from flan_squad.data.datamodule import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
+    from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 
     def loader(position: LoaderPosition, epoch: int) -> ResumableDataLoader:
         sampler = LengthGroupedSampler([1] * 10, batch_size=2, seed=0)

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
-from flan_squad.data.datamodule import LengthGroupedSampler, SquadDataModule
+from flan_squad.data.sampler import LengthGroupedSampler
+
+from flan_squad.data.datamodule import SquadDataModule
 from conftest import DEV_V1, SQUAD
 
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import STRATEGY_NAMES, compose_config, make_strategy
 from flan_squad.models.base import BaseModel, count_parameters
-from flan_squad.data.datamodule import collate, encode
+from flan_squad.data.encoding import collate, encode
 from flan_squad.evaluation.inference import answer_windows
 from flan_squad.data.squad import Question
 from flan_squad.models.strategies import FullFineTuning, LoRA, Strategy

@@ -1,4 +1,4 @@
-"""The SQuAD format: questions, official-format files, the "unanswerable" answer and the prompt's instruction.
+"""The SQuAD format: questions and reading official-format files (the prompt is `flan_squad.data.prompts`).
 
 No torch here: `flan_squad.score` reads data through this module alone. Tokenization and batching are
 in `flan_squad.data.datamodule`, the scoring rules in `flan_squad.evaluation.metrics`.
@@ -17,23 +17,8 @@ from flan_squad.utils.errors import FlanSquadError
 
 log = logging.getLogger(__name__)
 
-UNANSWERABLE = "unanswerable"
-
-# FLAN's own SQuAD templates (the v2 one tells the model how to decline).
-INSTRUCTIONS = {
-    "v1": "Read this and answer the question.",
-    "v2": f'Read this and answer the question. If the question is unanswerable, say "{UNANSWERABLE}".',
-}
-
-
 class DataError(FlanSquadError, ValueError):
     """Input data that cannot be used; the message names the file and the record."""
-
-
-def answer_to_prediction(generated: str) -> str:
-    """The text that goes into a predictions file: the "unanswerable" answer becomes ""."""
-    text = generated.strip()
-    return "" if text.lower() == UNANSWERABLE else text
 
 
 @dataclass(frozen=True)

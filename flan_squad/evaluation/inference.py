@@ -28,8 +28,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from flan_squad.data.datamodule import collate, encode
-from flan_squad.data.squad import UNANSWERABLE, Question, answer_to_prediction
+from flan_squad.data.encoding import collate, encode
+from flan_squad.data.prompts import UNANSWERABLE, answer_to_prediction
+from flan_squad.data.squad import Question
 
 
 # --- 1. one answer per window, with the model's scores -------------------------------------------------
