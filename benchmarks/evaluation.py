@@ -17,7 +17,7 @@ the project's extra windows are part of its cost.
 Random weights never produce the end-of-answer token, so every answer decodes `max_new_tokens` tokens;
 a trained model stops after a few. `train_planted` makes such a model in a minute or two: the benchmark's
 architecture, fully fine-tuned from random weights on facts planted in real SQuAD contexts
-(`dataset=planted_v1`, flan_squad/planted.py), which teaches it to answer with a word or two and stop.
+(`dataset=planted_v1`, flan_squad/data/planted.py), which teaches it to answer with a word or two and stop.
 """
 
 from __future__ import annotations

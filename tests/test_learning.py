@@ -3,7 +3,7 @@ this process: conftest.run_entry_point) with validation every epoch, ends far ab
 a tiny T5 can learn in a minute.
 
 Random-init scores on real SQuAD are 0 whatever the code does; facts planted in real SQuAD contexts
-(`dataset=planted_v1|v2`, flan_squad/planted.py) are learnable from scratch. Thresholds are set at about half
+(`dataset=planted_v1|v2`, flan_squad/data/planted.py) are learnable from scratch. Thresholds are set at about half
 of what was measured (AMD EPYC with AVX512-BF16, 2 cores, random init, `experiment=learning_check`, val F1
 after epochs 1-3; auto precision = bf16-mixed there, fp32 on CPUs without native bf16):
   full v1   bf16-mixed 48 / 98 / 99    fp32 48 / 100 / 98

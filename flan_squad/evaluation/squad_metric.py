@@ -7,7 +7,8 @@ different batches (or processes), and v2's best-threshold figures need every no-
 in list states with `dist_reduce_fx="cat"`, which torchmetrics gathers from every process at `compute()` as Lightning
 expects; `compute()` then drops the repeats a distributed sampler pads with, picks each question's window and
 snaps its answer (`flan_squad.evaluation.inference.collect_answers`) and scores all answers with the official rules
-(`flan_squad.evaluation.metrics.score`, the one place they live) -- the "cat, then compute" pattern of torchmetrics' AUROC.
+(`flan_squad.evaluation.metrics.score`, the one place they live) -- the "cat, then compute" pattern of torchmetrics'
+AUROC.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The LightningModule: trains a model with teacher forcing and validates by greedy generation, scored with the
 official SQuAD rules.
 
-`BaseModel` (`flan_squad.models.base`) says which weights to start from; a strategy (`flan_squad.models.strategies`) turns
-them into a trainable model; `SquadQAModule` trains it.
+`BaseModel` (`flan_squad.models.base`) says which weights to start from; a strategy
+(`flan_squad.models.strategies`) turns them into a trainable model; `SquadQAModule` trains it.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ class SquadQAModule(L.LightningModule):
 
     # --- validation --------------------------------------------------------------------------------
 
-    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.evaluation.inference): every
-    # context window is answered; the metric (flan_squad.evaluation.squad_metric) gathers them from every process and gives
-    # each question its best window's answer, snapped to the context, and (v2) a no-answer probability.
+    # One answering path for training validation and `flan_squad.evaluate` (see flan_squad.evaluation.inference):
+    # every context window is answered; the metric (flan_squad.evaluation.squad_metric) gathers them from every
+    # process and gives each question its best window's answer, snapped to the context, and (v2) a no-answer
+    # probability.
 
     def on_validation_epoch_start(self) -> None:
         self.validation_answers.reset()

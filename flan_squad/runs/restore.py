@@ -1,4 +1,5 @@
-"""Restore what a training run produced, exactly as it was trained: for evaluate, predict and export.
+"""Build a run's parts (`build_parts`: base, strategy, tokenizer) from conf/ or from a run dir, and restore what a
+training run produced, exactly as it was trained: for train, evaluate, predict, export and the benchmarks.
 
 A run dir (from `flan_squad.train`) holds `config.yaml` (the resolved config: its model, strategy and
 dataset sections) and `model/` (the full model, or the adapter only, with the tokenizer). The base of

@@ -6,7 +6,7 @@
 - `owns_run_dir`, around an entry point's work (`train`, `evaluate`): holds the lock, and gives
   `prepare_run_dir` a place to set the previous run's files aside (`.previous-<pid>/` in the dir) until the
   new run has finished: they are deleted when it succeeds and put back when it fails. A run that fails with
-  exit status 2 writes `status.json` (a sweep job's is written by `jobs.JobStatus`).
+  exit status 2 writes `status.json` (a sweep job's is written by `runs.status.JobStatus`).
 - `RunDirCheck` (a Hydra callback) does the checks that must come before Hydra creates the dir and writes its
   `.hydra/` there, and keeps the previous `.hydra/` to be put back with the previous run.
 - `check_checkpoint`: only local files that are whole checkpoints are resumed from.
@@ -208,7 +208,7 @@ def _after_failure(replacement: _Replacement, e: BaseException) -> bool:
         replacement.restore()
         log.warning("this run failed: the previous run's files are back in %s", replacement.directory)
         return True
-    if error is not None and not _in_multirun():  # a sweep job's status.json is jobs.JobStatus's
+    if error is not None and not _in_multirun():  # a sweep job's status.json is runs.status.JobStatus's
         from flan_squad.runs.status import write_status
 
         write_status(replacement.directory, "failed", error=f"{type(error).__name__}: {error}"[:500])

@@ -363,7 +363,7 @@ def _log_metrics(client, run_id: str, values: dict[str, float], step: int) -> No
 
 
 def _job_record(output_dir: Path, job_return: Any) -> dict[str, Any]:
-    """How the job ended: `status.json` as `jobs.JobStatus` wrote it just before (Hydra ends callbacks in
+    """How the job ended: `status.json` as `runs.status.JobStatus` wrote it just before (Hydra ends callbacks in
     reverse order), else what Hydra's JobReturn says."""
     from hydra.core.utils import JobStatus
 

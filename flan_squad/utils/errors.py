@@ -45,8 +45,8 @@ class RunInterrupted(FlanSquadError):
 def exit_on_error() -> Iterator[None]:
     """Around a Hydra entry point's work: a `FlanSquadError` ends the run with `error: <message>` on stderr
     (once, stdout untouched) and exit status 2 (`RunInterrupted`: 143 / 130). Also one raised inside
-    `hydra.utils.instantiate`, which wraps it. In a multirun it is raised as it is: the sweep records the job as failed (`jobs.JobStatus` logs
-    it) and goes on."""
+    `hydra.utils.instantiate`, which wraps it. In a multirun it is raised as it is: the sweep records the job as
+    failed (`runs.status.JobStatus` logs it) and goes on."""
     try:
         yield
     except Exception as e:
