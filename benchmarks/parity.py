@@ -15,8 +15,10 @@ FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how 
 - `peer`: `Seq2SeqTrainer` as transformers' `examples/pytorch/question-answering/run_seq2seq_qa.py` sets it up:
   "question: ... context: ..." inputs, the first answer or "" as the target, `DataCollatorForSeq2Seq` (dynamic
   padding), the Trainer's random sampler and default AdamW, linear schedule with 10% warm-up, greedy decoding.
-Both: batch 16, lr 1e-3, 3 epochs (375 steps), max_source_length 256, clipping at 1.0, and by default a different
-random init per seed (the same init for both sides at one seed: `--init per-seed`), scored by
+Both: batch 16, lr 1e-3, 3 epochs (375 steps), max_source_length 256, clipping at 1.0, one validation after the
+last epoch (the project's default validates every epoch and keeps the best epoch's weights: a pick on the dev set
+the peer does not get), and by default a different random init per seed, the same for both sides at one seed
+(`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep), scored by
 `flan_squad.metrics` (the official v2.0 rules). Each run is its own process, kept as JSON under --runs-dir and
 reused when asked again (same side, seed and switches); the table goes to stdout, everything to --out.
 """
