@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURE = dict(d_model=128, d_kv=32, num_layers=3, num_decoder_layers=3, num_heads=4, d_ff=384, dropout_rate=0.0)
+ARCHITECTURE = {"d_model": 128, "d_kv": 32, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4, "d_ff": 384,
+                "dropout_rate": 0.0}
 SIDES = ("project", "peer")
 
 
@@ -118,7 +119,7 @@ def run_project(spec: dict) -> dict:
         entry = ["-m", "flan_squad.train"]
         if spec.get("project_group_batches"):  # ablation: the same entry point with another sampler group size
             entry = ["-m", "benchmarks.parity", "--as-train", str(spec["project_group_batches"])]
-        proc = subprocess.run([sys.executable, *entry, *argv], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, *entry, *argv], cwd=ROOT, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"flan_squad.train {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
@@ -205,12 +206,14 @@ def _mean_sd(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| pipeline | seeds | F1 (mean ± sd) | HasAns F1 | NoAns F1 | per-seed F1 | per-seed NoAns F1 | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def per(runs: list[dict], key: str) -> str:
+        return " ".join(f"{r[key]:.1f}" for r in runs)
+
     for row in rows:
         runs = row["runs"]
-        per = lambda key: " ".join(f"{r[key]:.1f}" for r in runs)  # noqa: E731
         lines.append(f"| {row['label']} | {','.join(str(r['seed']) for r in runs)} | "
                      f"{_mean_sd([r['f1'] for r in runs])} | {_mean_sd([r['HasAns_f1'] for r in runs])} | "
-                     f"**{_mean_sd([r['NoAns_f1'] for r in runs])}** | {per('f1')} | {per('NoAns_f1')} | "
+                     f"**{_mean_sd([r['NoAns_f1'] for r in runs])}** | {per(runs, 'f1')} | {per(runs, 'NoAns_f1')} | "
                      f"{statistics.median(r['train_seconds'] or 0 for r in runs):.0f} |")
     return "\n".join(lines)
 
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         spec, path = item
         path.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--run", json.dumps(spec), str(path)],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+                              cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{spec['side']} seed {spec['seed']} failed:\n{proc.stderr[-3000:]}")
         print(f"done: {spec['side']} seed {spec['seed']}: {json.loads(path.read_text())['f1']:.1f}", flush=True)
