@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking shared test test-slurm train bench gpu-check base-cpu compare-cpu clean
+.PHONY: install tracking shared test test-slurm train bench parity gpu-check base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,12 @@ bench: shared install
 # failure. Without CUDA its GPU-only steps are skipped and the rest runs on the CPU.
 gpu-check: shared install
 	$(PY) scripts/gpu_check.py $(ARGS)
+
+# Learning parity (README "Learning parity"): flan_squad.train against Seq2SeqTrainer set up as run_seq2seq_qa.py,
+# on a SQuAD v2 task with decoy facts, same model (random init, trained here), budget and seeds; prints mean ± sd,
+# writes benchmarks/results/parity.json. ARGS="--seeds 0,1 --jobs 2" for a first look, --help for the switches.
+parity: shared install
+	$(PY) -m benchmarks.parity $(ARGS)
 
 # The CPU comparison with scores that mean something (README "Comparing strategies"): a small T5 trained here from
 # random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it,

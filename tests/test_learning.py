@@ -110,3 +110,29 @@ def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
                 assert f"The {kind} code is" not in q.context and version == "v2"
         unanswerable = sum(not q.answers for q in train) / len(train)
         assert (unanswerable == 0) if version == "v1" else (0.2 < unanswerable < 0.3)
+
+
+def test_decoy_task_asks_for_one_kind_and_plants_another_in_unanswerable_questions(tmp_path):
+    """The learning-parity task (benchmarks/parity.py): every context holds one code; a third of the questions ask
+    for another kind, so finding "a code" is not enough."""
+    from flan_squad.data.planted import KINDS, build_decoy, make_decoy_split
+    from flan_squad.data.squad import read_squad_file
+
+    texts = ["First real sentence. Second one.", "Another paragraph here."]
+    assert make_decoy_split(texts, 30, seed=3, prefix="x") == make_decoy_split(texts, 30, seed=3, prefix="x")
+    assert make_decoy_split(texts, 30, seed=3, prefix="x") != make_decoy_split(texts, 30, seed=4, prefix="x")
+    out = build_decoy(tmp_path, SHARED, train=300, dev=60)
+    for split, n in (("train", 300), ("dev", 60)):
+        version, questions = read_squad_file(out / f"{split}.json")
+        assert version == "v2" and len(questions) == n
+        for q in questions:
+            kind = q.question.split()[3]  # "What is the <kind> code?"
+            planted = [k for k in KINDS if f"The {k} code is " in q.context]
+            assert len(q.context) <= 400 + len("The access code is thunder. ") and len(planted) == 1
+            if q.answers:
+                start = q.answer_starts[0]
+                assert planted == [kind] and q.context[start : start + len(q.answers[0])] == q.answers[0]
+            else:
+                assert planted != [kind]  # a decoy: a code of another kind
+        unanswerable = sum(not q.answers for q in questions) / n
+        assert 0.2 < unanswerable < 0.45

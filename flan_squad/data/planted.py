@@ -6,10 +6,10 @@ each question takes the opening sentence of a real SQuAD paragraph, plants a sen
 is a span of the context, found by reading it (find the fact, copy the word), never by memorising. In the v2
 variant a quarter of the questions have no fact planted: unanswerable, as in SQuAD 2.0.
 
-Harder variants were tried and left out: with two facts per context, t5-mini trained from scratch learned to
-copy a planted word but stayed at chance in picking the asked-for one; and unanswerable questions carrying a
-fact of another kind were not learned by any strategy fine-tuning the self-trained base (3 epochs, 2,000
-questions: NoAns F1 stayed at the share without any fact).
+The decoy variant (`make_decoy_split`, the learning-parity benchmark `benchmarks/parity.py`) is harder: whole
+contexts of up to 400 characters, and a third of the questions unanswerable although the context holds a code,
+one of another kind, so the model has to read the kind and not just find a code. With two facts per context,
+t5-mini trained from scratch learned to copy a planted word but stayed at chance in picking the asked-for one.
 
 The files are in the official SQuAD format, so reading, prompting, validation and scoring run on them
 exactly as on SQuAD. They are seeded (the same arguments give the same files) and built once under the
@@ -73,6 +73,50 @@ def make_split(texts: list[str], n: int, version: str, seed: int, prefix: str) -
                 qa["is_impossible"] = False
         articles.append({"title": f"planted-{i:05d}", "paragraphs": [{"context": context, "qas": [qa]}]})
     return {"version": "v2.0" if version == "v2" else "1.1", "data": articles}
+
+
+DECOY_MAX_CHARS = 400  # decoy variant: whole SQuAD v1.1 dev contexts up to this long
+DECOY_UNANSWERABLE_SHARE = 1 / 3
+
+
+def short_contexts(shared_dir: str | Path, max_chars: int = DECOY_MAX_CHARS) -> list[str]:
+    """Every whole context of the SQuAD v1.1 dev set of at most `max_chars` characters, in file order."""
+    data = json.loads((Path(shared_dir) / SOURCE).read_text(encoding="utf-8"))
+    return [p["context"] for a in data["data"] for p in a["paragraphs"] if len(p["context"]) <= max_chars]
+
+
+def make_decoy_split(texts: list[str], n: int, seed: int, prefix: str,
+                     unanswerable_share: float = DECOY_UNANSWERABLE_SHARE) -> dict:
+    """`n` SQuAD v2.0-format questions "What is the <kind> code?", each on a context with one planted fact; in
+    `unanswerable_share` of them the fact is of another kind (a decoy): unanswerable, though a code is there."""
+    rng = random.Random(seed)
+    articles = []
+    for i in range(n):
+        kind, word = rng.choice(KINDS), rng.choice(WORDS)
+        unanswerable = rng.random() < unanswerable_share
+        fact_kind = rng.choice([k for k in KINDS if k != kind]) if unanswerable else kind
+        fact = f"The {fact_kind} code is {word}."
+        context = " ".join(plant(_SENTENCE_END.split(rng.choice(texts)), [fact], rng))
+        qa = {"id": f"{prefix}-{i:05d}", "question": f"What is the {kind} code?", "answers": [],
+              "is_impossible": unanswerable}
+        if not unanswerable:
+            qa["answers"] = [{"text": word, "answer_start": context.index(fact) + len(fact) - len(word) - 1}]
+        articles.append({"title": f"decoy-{i:05d}", "paragraphs": [{"context": context, "qas": [qa]}]})
+    return {"version": "v2.0", "data": articles}
+
+
+def build_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, dev: int = 200, seed: int = 0,
+                disjoint: bool = False) -> Path:
+    """Write {train,dev}.json of the decoy variant under `out_dir`. Train and dev draw from the same 130 contexts
+    (the facts, kinds and positions differ), or with `disjoint` from different ones (104 / 26): harder, and in
+    3 epochs neither the project nor the peer pipeline learned unanswerable questions then (NoAns F1 12.5)."""
+    texts = short_contexts(shared_dir)
+    split_at = len(texts) * 4 // 5
+    pools = (texts[:split_at], texts[split_at:]) if disjoint else (texts, texts)
+    for s, (split, n, pool) in enumerate((("train", train, pools[0]), ("dev", dev, pools[1]))):
+        write_json_atomic(Path(out_dir) / f"{split}.json",
+                          make_decoy_split(pool, n, seed * 100 + 20 + s, f"decoy-{split}"))
+    return Path(out_dir)
 
 
 def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
