@@ -4,6 +4,7 @@ pipeline a user would otherwise write, on the same task, architecture, budget an
     python -m benchmarks.parity                       # both sides, seeds 0-5 (`make parity`)
     python -m benchmarks.parity --sides peer --seeds 0,1 --peer-target unanswerable   # one ablation
     python -m benchmarks.parity --project-set dataset.sampler=grouped                   # another
+    python -m benchmarks.parity --peer-init config --project-init config              # both from a tied T5
 
 Everything trains from random weights (t5-mini: d_model 128, d_kv 32, 3+3 layers, 4 heads, d_ff 384, dropout 0,
 FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how well FLAN-T5 does.
@@ -18,7 +19,9 @@ FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how 
 Both: batch 16, lr 1e-3, 3 epochs (375 steps), max_source_length 256, clipping at 1.0, one validation after the
 last epoch (the project's default validates every epoch and keeps the best epoch's weights: a pick on the dev set
 the peer does not get), and by default a different random init per seed, the same for both sides at one seed
-(`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep), scored by
+(`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep; the model is
+the project's random checkpoint unless `--peer-init config` / `--project-init config` build it as a user would,
+`T5ForConditionalGeneration(T5Config(...))`: lm_head tied to the std-1 embedding), scored by
 `flan_squad.evaluation.metrics` (the official v2.0 rules). Each run is its own process, kept as JSON under --runs-dir and
 reused when asked again (same side, seed and switches); the table goes to stdout, everything to --out.
 """
@@ -68,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="qa: 'question: ... context: ...'; project: the project's own encoding (flan_squad.data.datamodule.encode)")
     p.add_argument("--peer-sampler", choices=("random", "grouped"), default="random",
                    help="grouped: the project's LengthGroupedSampler instead of the Trainer's random sampler")
+    p.add_argument("--peer-init", choices=("checkpoint", "config"), default="checkpoint",
+                   help="checkpoint: the project's random checkpoint for the init seed (untied lm_head, std "
+                        "d_model**-0.5); config: T5ForConditionalGeneration(T5Config(...)), as a user builds it")
+    p.add_argument("--project-init", choices=("checkpoint", "config"), default="checkpoint",
+                   help="config: the project trains from the --peer-init config model, saved as a pretrained dir")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each with its own process, one thread)")
     p.add_argument("--fresh", action="store_true", help="rerun even when a run's JSON is already in --runs-dir")
     p.add_argument("--runs-dir", default=str(ROOT / "outputs" / "parity"))
@@ -111,10 +119,27 @@ def _base_overrides(spec: dict) -> list[str]:
             f"paths.cache_dir={spec['cache_dir']}"]
 
 
+def config_built_model(init_seed: int):
+    """A random T5 as a user builds one, `T5ForConditionalGeneration(T5Config(...))`: transformers ties lm_head to the
+    embedding (std 1.0) and, `tie_word_embeddings` not being passed False, scales the decoder output by d_model**-0.5.
+    Fewer parameters than the project's random FLAN-T5 stand-in (untied lm_head, std d_model**-0.5, no scaling)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from flan_squad.models.base import FLAN_T5_ARCHITECTURE
+
+    config = {k: v for k, v in {**FLAN_T5_ARCHITECTURE, **ARCHITECTURE}.items() if k != "tie_word_embeddings"}
+    torch.manual_seed(init_seed)
+    return T5ForConditionalGeneration(T5Config(**config))
+
+
 def run_project(spec: dict) -> dict:
     """`python -m flan_squad.train` itself, as a user runs it; its metrics.json."""
     with tempfile.TemporaryDirectory(prefix="parity-") as out:
         argv = [*_base_overrides(spec), "logger=csv", f"hydra.run.dir={out}", *spec["project_set"]]
+        if spec.get("project_init") == "config":  # the peer's tied model, loaded as a pretrained checkpoint
+            config_built_model(spec["init_seed"]).save_pretrained(Path(out) / "init")
+            argv += ["model.init=pretrained", f"model.name_or_path={out}/init"]
         start = time.perf_counter()
         entry = ["-m", "flan_squad.train"]
         if spec.get("project_group_batches"):  # ablation: the same entry point with another sampler group size
@@ -162,7 +187,7 @@ def run_peer(spec: dict) -> dict:
 
     train_features, dev_features = features(train_q), features(dev_q)
     torch.manual_seed(spec["seed"])
-    model = base.load()
+    model = config_built_model(spec["init_seed"]) if spec.get("peer_init") == "config" else base.load()
     with tempfile.TemporaryDirectory(prefix="parity-peer-") as out:
         args = Seq2SeqTrainingArguments(
             output_dir=out, per_device_train_batch_size=spec["batch_size"], per_device_eval_batch_size=50,
@@ -237,17 +262,21 @@ def _variant(args, side: str) -> dict:
         variant = {"project_set": sorted(args.project_set)}
         if args.project_group_batches is not None:
             variant["project_group_batches"] = args.project_group_batches
+        if args.project_init != "checkpoint":  # only when set, so that runs kept from before stay valid
+            variant["project_init"] = args.project_init
         return variant
-    return {"peer_target": args.peer_target, "peer_prompt": args.peer_prompt, "peer_sampler": args.peer_sampler}
+    variant = {"peer_target": args.peer_target, "peer_prompt": args.peer_prompt, "peer_sampler": args.peer_sampler}
+    return {**variant, "peer_init": args.peer_init} if args.peer_init != "checkpoint" else variant
 
 
 def _label(side: str, variant: dict, init: str) -> str:
     if side == "project":
         extra = " ".join(variant["project_set"] + ([f"group_batches={variant['project_group_batches']}"]
-                                                    if "project_group_batches" in variant else []))
+                                                    if "project_group_batches" in variant else [])
+                         + ([f"init={variant['project_init']}"] if "project_init" in variant else []))
     else:
         extra = " ".join(f"{k.removeprefix('peer_')}={v}" for k, v in variant.items()
-                         if v != {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random"}[k])
+                         if v != {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random", "peer_init": "checkpoint"}[k])
     name = "flan_squad.train" if side == "project" else "Seq2SeqTrainer"
     return f"{name}{' ' + extra if extra else ''}{' (init 0 for all seeds)' if init == 'shared' else ''}"
 
