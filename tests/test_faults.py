@@ -259,3 +259,16 @@ def test_the_scorer_warns_about_a_version_that_is_neither_1_1_nor_2_0(version, t
 def _write(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def test_rank_zero_is_read_as_lightning_reads_it_before_the_trainer_exists(monkeypatch):
+    # A multi-task SLURM job's tasks have only SLURM_PROCID: task 1 must not take (and be refused) the run dir's lock.
+    from flan_squad.runs.rundir import is_rank_zero
+
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    assert is_rank_zero()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert not is_rank_zero()
+    monkeypatch.setenv("RANK", "0")  # Lightning's DDP children: RANK first
+    assert is_rank_zero()

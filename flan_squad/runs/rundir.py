@@ -43,8 +43,12 @@ LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
 def is_rank_zero() -> bool:
-    # Before the Trainer exists: DDP child processes are started with their rank in the environment.
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+    """Whether this process is rank 0, before the Trainer exists: Lightning's DDP children are started with RANK /
+    LOCAL_RANK, and each task of a multi-task SLURM job has SLURM_PROCID (read in Lightning's own order)."""
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return True
 
 
 # --- one writer ------------------------------------------------------------------------------------------

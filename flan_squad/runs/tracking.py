@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from flan_squad.utils.errors import ConfigError, print_error
 from flan_squad.utils.files import write_json_atomic
 from flan_squad.runs.model_card import command_line, read_json
 from flan_squad.runs.results import weights_note
+from flan_squad.runs.rundir import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class MLflowLogger(MLFlowLogger):
     def __init__(self, output_dir: str, store_dir: str, tracking_uri: str | None = None,
                  experiment_name: str = "flan-squad", log_model: bool = False, resume: bool = False):
         self.store = Store(tracking_uri, store_dir, experiment_name, log_model)
-        if _is_rank_zero():
+        if is_rank_zero():
             self.store.check()
         self.output_dir = Path(output_dir)
         run_id = _run_of(self.output_dir, self.store) if resume else None
@@ -183,7 +183,7 @@ class MLflowTracking(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         store = store_of(config)
-        if store is None or not _is_rank_zero():
+        if store is None or not is_rank_zero():
             return
         output_dir = Path(config.hydra.runtime.output_dir)
         record = _job_record(output_dir, job_return)
@@ -384,7 +384,3 @@ def _error_line(error: BaseException) -> str:
 
 def _traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))[-20000:]
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
