@@ -9,7 +9,6 @@ probabilities, snapping) and scored with the official rules. Writes `predictions
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -32,6 +31,7 @@ from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.runs.cost import PeakMemory  # noqa: E402
 from flan_squad.runs.results import framed, write_results  # noqa: E402
 from flan_squad.runs.rundir import owns_run_dir  # noqa: E402
+from flan_squad.utils.files import read_json  # noqa: E402
 from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 
 if TYPE_CHECKING:
@@ -123,16 +123,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _parameter_counts(cfg: DictConfig, restored: Restored) -> dict[str, Any]:
     """The model's size; for a run, what it trained and at which lr (as its metrics.json says: evaluation loads
     adapters frozen). A base model trained nothing: no trainable count, no lr, as the report's base row shows."""
-    trained = _run_metrics(cfg.run_dir) if cfg.get("run_dir") else {}
+    # a run copied without its metrics.json: its counts are unknown, not an error
+    trained = (read_json(Path(cfg.run_dir) / "metrics.json") or {}) if cfg.get("run_dir") else {}
     return {**count_parameters(restored.model), "trainable_params": trained.get("trainable_params"),
             "lr": trained.get("lr")}
-
-
-def _run_metrics(run_dir: str) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # a run copied without its metrics: its counts are unknown, not an error
 
 
 def _summary(m: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ self-trained weights must carry. Written from what the run recorded (`metrics.js
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,6 @@ def run_command(run_dir: str | Path) -> str | None:
 
     saved = Path(run_dir) / ".hydra" / "hydra.yaml"
     return command_line(OmegaConf.load(saved).hydra) if saved.is_file() else None
-
-
-def read_json(path: str | Path) -> dict[str, Any] | None:
-    """A run's JSON record (metrics.json, status.json, ...), or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def write_model_card(directory: str | Path, metrics: dict[str, Any], config: Any, command: str | None,

@@ -27,9 +27,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flan_squad.utils.errors import RunInterrupted
+from flan_squad.runs.rundir import LAST_CHECKPOINT
 from flan_squad.runs.status import write_status
-
-LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 log = logging.getLogger(__name__)
 

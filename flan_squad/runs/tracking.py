@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from flan_squad.utils.errors import ConfigError, print_error
 from flan_squad.utils.files import write_json_atomic
-from flan_squad.runs.model_card import command_line, read_json
+from flan_squad.runs.model_card import command_line
+from flan_squad.utils.files import read_json
 from flan_squad.runs.results import weights_note
 from flan_squad.runs.rundir import is_rank_zero
 
