@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra Hydra override for the project side (repeatable), e.g. dataset.sampler=grouped")
     p.add_argument("--project-group-batches", type=int, default=None,
                    help="ablation: batches per length-sorted group in the project's sampler (1: random batches)")
+    p.add_argument("--project-prompt", choices=("project", "qa"), default="project",
+                   help="ablation: qa gives the project the peer's 'question: ... context: ...' inputs")
+    p.add_argument("--project-target", choices=("unanswerable", "empty"), default="unanswerable",
+                   help="ablation: empty gives the project the peer's empty target for unanswerable questions")
     p.add_argument("--peer-target", choices=("empty", "unanswerable"), default="empty",
                    help="the peer's target for an unanswerable question")
     p.add_argument("--peer-prompt", choices=("qa", "project"), default="qa",
@@ -142,8 +146,9 @@ def run_project(spec: dict) -> dict:
             argv += ["model.init=pretrained", f"model.name_or_path={out}/init"]
         start = time.perf_counter()
         entry = ["-m", "flan_squad.train"]
-        if spec.get("project_group_batches"):  # ablation: the same entry point with another sampler group size
-            entry = ["-m", "benchmarks.parity", "--as-train", str(spec["project_group_batches"])]
+        patches = {k: spec[k] for k in ("project_group_batches", "project_prompt", "project_target") if k in spec}
+        if patches:  # ablation: the same entry point with one part swapped (see _as_train)
+            entry = ["-m", "benchmarks.parity", "--as-train", json.dumps(patches)]
         proc = subprocess.run([sys.executable, *entry, *argv], cwd=ROOT, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
@@ -243,16 +248,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _as_train(group_batches: int, argv: list[str]) -> None:
-    """`python -m flan_squad.train ARGV` with the length-grouped sampler's group size set (an ablation only)."""
+def _as_train(patches: dict, argv: list[str]) -> None:
+    """`python -m flan_squad.train ARGV` with one part swapped, for an ablation only: the length-grouped sampler's
+    group size (`project_group_batches`), the peer's prompt "question: ... context: ..." (`project_prompt: qa`),
+    the peer's empty target for unanswerable questions (`project_target: empty`: the model learns to end at once,
+    and an empty answer is "no answer" when decoding, as for the peer)."""
     import runpy
 
     from flan_squad.data import datamodule as data
+    from flan_squad.data import encoding
 
-    init = data.LengthGroupedSampler.__init__
-    data.LengthGroupedSampler.__init__ = lambda self, lengths, batch_size, seed=0, group_batches=50: init(
-        self, lengths, batch_size, seed, group_batches_override)
-    group_batches_override = group_batches
+    if "project_group_batches" in patches:
+        init = data.LengthGroupedSampler.__init__
+        data.LengthGroupedSampler.__init__ = lambda self, lengths, batch_size, seed=0, group_batches=50: init(
+            self, lengths, batch_size, seed, patches["project_group_batches"])
+    if patches.get("project_target") == "empty":
+        encoding.UNANSWERABLE = ""  # tokenizer("") is just </s>
+    if patches.get("project_prompt") == "qa":
+        def encode_qa(questions, tokenizer, version, max_source_length, max_target_length, source="", stride=None):
+            empty = encoding.UNANSWERABLE
+            inputs = [f"question: {q.question.lstrip()} context: {q.context.lstrip()}" for q in questions]
+            input_ids = tokenizer(inputs, max_length=max_source_length, truncation=True).input_ids
+            labels = tokenizer([q.answers[0] if q.answers else empty for q in questions],
+                               max_length=max_target_length, truncation=True).input_ids
+            stats = encoding.EncodeStats(examples=len(questions), windows=len(questions))
+            return encoding.Encoded([q.id for q in questions], input_ids, labels, stats, [0] * len(questions))
+
+        data.encode = encode_qa
     sys.argv = ["flan_squad.train", *argv]
     runpy.run_module("flan_squad.train", run_name="__main__")
 
@@ -262,6 +284,10 @@ def _variant(args, side: str) -> dict:
         variant = {"project_set": sorted(args.project_set)}
         if args.project_group_batches is not None:
             variant["project_group_batches"] = args.project_group_batches
+        if args.project_prompt != "project":
+            variant["project_prompt"] = args.project_prompt
+        if args.project_target != "unanswerable":
+            variant["project_target"] = args.project_target
         if args.project_init != "checkpoint":  # only when set, so that runs kept from before stay valid
             variant["project_init"] = args.project_init
         return variant
@@ -273,6 +299,8 @@ def _label(side: str, variant: dict, init: str) -> str:
     if side == "project":
         extra = " ".join(variant["project_set"] + ([f"group_batches={variant['project_group_batches']}"]
                                                     if "project_group_batches" in variant else [])
+                         + [f"{k.removeprefix('project_')}={variant[k]}" for k in ("project_prompt", "project_target")
+                            if k in variant]
                          + ([f"init={variant['project_init']}"] if "project_init" in variant else []))
     else:
         extra = " ".join(f"{k.removeprefix('peer_')}={v}" for k, v in variant.items()
@@ -331,6 +359,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--as-train"]:
-        _as_train(int(sys.argv[2]), sys.argv[3:])
+        _as_train(json.loads(sys.argv[2]), sys.argv[3:])
     else:
         main()
