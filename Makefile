@@ -56,7 +56,7 @@ gpu-check: shared install
 	$(PY) scripts/gpu_check.py $(ARGS)
 
 # Learning parity (README "Learning parity"): flan_squad.train against Seq2SeqTrainer set up as run_seq2seq_qa.py,
-# on a SQuAD v2 task with decoy facts, same model (random init, trained here), budget and seeds; prints mean ± sd,
+# on a SQuAD v2 task with decoy facts, same architecture (random init, trained here), budget and seeds; prints mean ± sd,
 # writes benchmarks/results/parity.json. ARGS="--seeds 0,1 --jobs 2" for a first look, --help for the switches.
 parity: shared install
 	$(PY) -m benchmarks.parity $(ARGS)

@@ -2,9 +2,10 @@
 pipeline a user would otherwise write, on the same task, architecture, budget and seeds?
 
     python -m benchmarks.parity                       # both sides, seeds 0-5 (`make parity`)
+    python -m benchmarks.parity --sides project --project-model-prompt flan           # the project before the fix
     python -m benchmarks.parity --sides peer --seeds 0,1 --peer-target unanswerable   # one ablation
-    python -m benchmarks.parity --project-set dataset.sampler=grouped                   # another
-    python -m benchmarks.parity --peer-init config --project-init config              # both from a tied T5
+    python -m benchmarks.parity --peer-init config --project-init config              # both from the same tied T5
+    python -m benchmarks.parity --task-seed 1 --seeds 6,7,8,9,10,11                     # another task, other seeds
 
 Everything trains from random weights (t5-mini: d_model 128, d_kv 32, 3+3 layers, 4 heads, d_ff 384, dropout 0,
 FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how well FLAN-T5 does.
@@ -12,16 +13,19 @@ FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how 
   "The <kind> code is <word>." planted at a random sentence boundary, the question "What is the <kind> code?";
   in a third of the questions the fact is of another kind (unanswerable, though the context holds a code).
   2,000 training and 200 dev questions, seeded.
-- `project`: `python -m flan_squad.train model=t5_tiny strategy=full dataset=squad_v2` on those files, fp32.
+- `project`: `python -m flan_squad.train model=t5_tiny strategy=full dataset=squad_v2` on those files, fp32, from
+  t5_tiny's own random init (FLAN-T5's untied lm_head, std d_model**-0.5) in its default format (`model.prompt=t5`;
+  `--project-model-prompt flan`: FLAN's, the default before the parity fix).
 - `peer`: `Seq2SeqTrainer` as transformers' `examples/pytorch/question-answering/run_seq2seq_qa.py` sets it up:
   "question: ... context: ..." inputs, the first answer or "" as the target, `DataCollatorForSeq2Seq` (dynamic
-  padding), the Trainer's random sampler and default AdamW, linear schedule with 10% warm-up, greedy decoding.
+  padding), the Trainer's random sampler and default AdamW, linear schedule with 10% warm-up, greedy decoding, on
+  the model a user builds, `T5ForConditionalGeneration(T5Config(...))` (`--peer-init config`, default: lm_head tied
+  to the std-1 embedding; `--peer-init checkpoint`: the project's random checkpoint instead).
 Both: batch 16, lr 1e-3, 3 epochs (375 steps), max_source_length 256, clipping at 1.0, one validation after the
 last epoch (the project's default validates every epoch and keeps the best epoch's weights: a pick on the dev set
 the peer does not get), and by default a different random init per seed, the same for both sides at one seed
-(`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep; the model is
-the project's random checkpoint unless `--peer-init config` / `--project-init config` build it as a user would,
-`T5ForConditionalGeneration(T5Config(...))`: lm_head tied to the std-1 embedding), scored by
+(`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep;
+`--project-init config` trains the project from the peer's tied model), scored by
 `flan_squad.evaluation.metrics` (the official v2.0 rules). Each run is its own process, kept as JSON under --runs-dir and
 reused when asked again (same side, seed and switches); the table goes to stdout, everything to --out.
 """
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra Hydra override for the project side (repeatable), e.g. dataset.sampler=grouped")
     p.add_argument("--project-group-batches", type=int, default=None,
                    help="ablation: batches per length-sorted group in the project's sampler (1: random batches)")
+    p.add_argument("--project-model-prompt", choices=("t5", "flan"), default="t5",
+                   help="the project's model.prompt: t5 (t5_tiny's default since the parity fix) or flan (before it)")
     p.add_argument("--project-prompt", choices=("project", "qa"), default="project",
                    help="ablation: qa gives the project the peer's 'question: ... context: ...' inputs")
     p.add_argument("--project-target", choices=("unanswerable", "empty"), default="unanswerable",
@@ -72,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-target", choices=("empty", "unanswerable"), default="empty",
                    help="the peer's target for an unanswerable question")
     p.add_argument("--peer-prompt", choices=("qa", "project"), default="qa",
-                   help="qa: 'question: ... context: ...'; project: the project's own encoding (flan_squad.data.datamodule.encode)")
+                   help="qa: 'question: ... context: ...'; project: the project's flan format (flan_squad.data.encoding.encode)")
     p.add_argument("--peer-sampler", choices=("random", "grouped"), default="random",
                    help="grouped: the project's LengthGroupedSampler instead of the Trainer's random sampler")
-    p.add_argument("--peer-init", choices=("checkpoint", "config"), default="checkpoint",
+    p.add_argument("--peer-init", choices=("checkpoint", "config"), default="config",
                    help="checkpoint: the project's random checkpoint for the init seed (untied lm_head, std "
                         "d_model**-0.5); config: T5ForConditionalGeneration(T5Config(...)), as a user builds it")
     p.add_argument("--project-init", choices=("checkpoint", "config"), default="checkpoint",
@@ -140,7 +146,8 @@ def config_built_model(init_seed: int):
 def run_project(spec: dict) -> dict:
     """`python -m flan_squad.train` itself, as a user runs it; its metrics.json."""
     with tempfile.TemporaryDirectory(prefix="parity-") as out:
-        argv = [*_base_overrides(spec), "logger=csv", f"hydra.run.dir={out}", *spec["project_set"]]
+        argv = [*_base_overrides(spec), "logger=csv", f"hydra.run.dir={out}", *spec["project_set"],
+                f"model.prompt={spec.get('model_prompt', 'flan')}"]
         if spec.get("project_init") == "config":  # the peer's tied model, loaded as a pretrained checkpoint
             config_built_model(spec["init_seed"]).save_pretrained(Path(out) / "init")
             argv += ["model.init=pretrained", f"model.name_or_path={out}/init"]
@@ -263,10 +270,11 @@ def _as_train(patches: dict, argv: list[str]) -> None:
         data.LengthGroupedSampler.__init__ = lambda self, lengths, batch_size, seed=0, group_batches=50: init(
             self, lengths, batch_size, seed, patches["project_group_batches"])
     if patches.get("project_target") == "empty":
-        encoding.UNANSWERABLE = ""  # tokenizer("") is just </s>
+        encoding.no_answer_target = lambda prompt: ""  # tokenizer("") is just </s>
     if patches.get("project_prompt") == "qa":
-        def encode_qa(questions, tokenizer, version, max_source_length, max_target_length, source="", stride=None):
-            empty = encoding.UNANSWERABLE
+        def encode_qa(questions, tokenizer, version, max_source_length, max_target_length, source="", stride=None,
+                      prompt=None):
+            empty = encoding.no_answer_target(prompt)
             inputs = [f"question: {q.question.lstrip()} context: {q.context.lstrip()}" for q in questions]
             input_ids = tokenizer(inputs, max_length=max_source_length, truncation=True).input_ids
             labels = tokenizer([q.answers[0] if q.answers else empty for q in questions],
@@ -282,6 +290,8 @@ def _as_train(patches: dict, argv: list[str]) -> None:
 def _variant(args, side: str) -> dict:
     if side == "project":
         variant = {"project_set": sorted(args.project_set)}
+        if args.project_model_prompt != "flan":  # runs kept from before model.prompt existed were in flan's format
+            variant["model_prompt"] = args.project_model_prompt
         if args.project_group_batches is not None:
             variant["project_group_batches"] = args.project_group_batches
         if args.project_prompt != "project":
@@ -292,7 +302,7 @@ def _variant(args, side: str) -> dict:
             variant["project_init"] = args.project_init
         return variant
     variant = {"peer_target": args.peer_target, "peer_prompt": args.peer_prompt, "peer_sampler": args.peer_sampler}
-    return {**variant, "peer_init": args.peer_init} if args.peer_init != "checkpoint" else variant
+    return {**variant, "peer_init": args.peer_init} if args.peer_init != "checkpoint" else variant  # keys as before
 
 
 def _label(side: str, variant: dict, init: str) -> str:
@@ -301,10 +311,12 @@ def _label(side: str, variant: dict, init: str) -> str:
                                                     if "project_group_batches" in variant else [])
                          + [f"{k.removeprefix('project_')}={variant[k]}" for k in ("project_prompt", "project_target")
                             if k in variant]
+                         + [f"model.prompt={variant.get('model_prompt', 'flan')}"]
                          + ([f"init={variant['project_init']}"] if "project_init" in variant else []))
     else:
-        extra = " ".join(f"{k.removeprefix('peer_')}={v}" for k, v in variant.items()
-                         if v != {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random", "peer_init": "checkpoint"}[k])
+        defaults = {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random", "peer_init": "config"}
+        extra = " ".join([f"{k.removeprefix('peer_')}={v}" for k, v in variant.items() if v != defaults[k]]
+                         + ([] if "peer_init" in variant else ["init=checkpoint"]))
     name = "flan_squad.train" if side == "project" else "Seq2SeqTrainer"
     return f"{name}{' ' + extra if extra else ''}{' (init 0 for all seeds)' if init == 'shared' else ''}"
 

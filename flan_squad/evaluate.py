@@ -64,7 +64,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     peak = PeakMemory(device)
     peak.reset()
     restored = restored or restore(cfg, device)
-    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split, prompt=restored.base.prompt)
     if restored.version != datamodule.version:
         log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
                     restored.source, restored.version, datamodule.version, datamodule.name)

@@ -52,6 +52,7 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
             "run_dir": str(run_dir.resolve()), "strategy": strategy.name, "base": base.label,
             "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
+            "prompt": base.prompt,  # ... in this format: model.prompt=<it> when loading it as model.name_or_path
             "note": export_note(strategy),  # null: it computes what the run scored
         })
         if metrics:

@@ -86,7 +86,7 @@ def predict(cfg: DictConfig) -> dict[str, str]:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
                                    cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
-                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context)
+                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context, prompt=restored.base.prompt)
     return answers.predictions
 
 

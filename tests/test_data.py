@@ -84,6 +84,33 @@ def test_v2_targets_say_unanswerable(tokenizer):
     assert INSTRUCTIONS["v2"].endswith(f'say "{UNANSWERABLE}".')
 
 
+def test_t5_prompt_asks_question_first_cuts_only_the_context_and_answers_nothing_when_unanswerable(tokenizer, dev_v2):
+    questions = dev_v2[1][:300]  # answerable and unanswerable, some contexts too long for 96 tokens
+    encoded = encode(questions, tokenizer, "v2", max_source_length=96, max_target_length=32, prompt="t5")
+    assert 0 < encoded.stats.truncated <= 300
+    for q, ids, labels in zip(questions, encoded.input_ids, encoded.labels):
+        head = tokenizer(f"question: {q.question.lstrip()} context:", add_special_tokens=False).input_ids
+        assert len(ids) <= 96 and ids[: len(head)] == head and ids[-1] == tokenizer.eos_token_id
+        context = tokenizer.decode(ids[len(head) : -1])
+        assert q.context.replace(" ", "").startswith(context.replace(" ", "")[:50])
+        # no answer: end of sequence at once, as run_seq2seq_qa.py's "" target
+        assert labels == ([tokenizer.eos_token_id] if not q.answers else tokenizer(q.answers[0]).input_ids)
+    assert any(not q.answers for q in questions) and any(q.answers for q in questions)
+    # and the same questions in FLAN's format differ (the instruction first, "unanswerable" as the target)
+    flan = encode(questions, tokenizer, "v2", max_source_length=96, max_target_length=32)
+    assert all(a != b for a, b in zip(flan.input_ids, encoded.input_ids))
+
+
+def test_an_unknown_prompt_is_refused_naming_the_option(tokenizer):
+    from flan_squad.models.base import BaseModel
+    from flan_squad.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.prompt='chat': expected one of flan, t5"):
+        BaseModel(name="x", name_or_path="y", prompt="chat")
+    with pytest.raises(ConfigError, match="model.prompt='chat'"):
+        SquadDataModule(tokenizer, "squad_v2", "v2", "hub", prompt="chat")
+
+
 @pytest.mark.parametrize("generated, expected", [
     ("unanswerable", ""), (" Unanswerable ", ""), ("UNANSWERABLE", ""), ("Paris", "Paris"), (" Paris ", "Paris"),
     ("unanswerable question", "unanswerable question"),

@@ -13,7 +13,7 @@ from flan_squad.data.encoding import encode
 from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, collect_answers, combine_windows, run_encoder,
                                   sequence_logprobs, snap_to_context, spellable_by, window_answers)
 from flan_squad.evaluation.metrics import score
-from flan_squad.data.prompts import INSTRUCTIONS
+from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE
 from flan_squad.data.squad import read_squad_file
 from flan_squad.evaluation.squad_metric import SquadAnswers
 from conftest import DEV_V1, DEV_V2
@@ -97,7 +97,7 @@ def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer
     width = max(len(x) for x in enc.input_ids)
     input_ids = torch.tensor([x + [0] * (width - len(x)) for x in enc.input_ids])
     mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in enc.input_ids])[:, None]).long()
-    answers = answer_windows(model, tokenizer, input_ids, mask, 6, no_answer=True)
+    answers = answer_windows(model, tokenizer, input_ids, mask, 6, no_answer=UNANSWERABLE)
     with torch.no_grad():
         generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         labels = generated[:, 1:].clone()
@@ -115,6 +115,11 @@ def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer
         logits = model(input_ids=input_ids, attention_mask=mask, labels=target).logits
     na_expected = logits.log_softmax(-1).gather(-1, target[..., None]).squeeze(-1).sum(1)
     assert [a.na_logprob for a in answers] == pytest.approx(na_expected.tolist(), abs=1e-4)
+    # the t5 prompt's no-answer answer is the empty one: log P(</s> first)
+    empty = answer_windows(model, tokenizer, input_ids, mask, 6, no_answer="")
+    with torch.no_grad():
+        first = model(input_ids=input_ids, attention_mask=mask, labels=target[:, :1]).logits[:, 0].log_softmax(-1)
+    assert [a.na_logprob for a in empty] == pytest.approx(first[:, tokenizer.eos_token_id].tolist(), abs=1e-4)
 
 
 def test_validation_metric_scores_as_the_window_answers_would(tokenizer):

@@ -20,7 +20,7 @@ import pytest
 from conftest import compose_config
 from flan_squad.train import train
 
-SETTINGS = ["experiment=learning_check", "strategy=full", "dataset=planted_v1", "dataset.limit_train=320",
+SETTINGS = ["experiment=learning_check", "model.prompt=flan", "strategy=full", "dataset=planted_v1", "dataset.limit_train=320",
             "dataset.limit_val=50", "trainer.max_epochs=2", "trainer.precision=32-true",
             "trainer.log_every_n_steps=1", "logger=csv", "callbacks=none"]
 # optimizer step -> training loss (20 steps an epoch); validation F1 after each epoch (50 questions: 2 points each)

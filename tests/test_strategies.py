@@ -10,6 +10,7 @@ from conftest import STRATEGY_NAMES, compose_config, make_strategy
 from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.data.encoding import collate, encode
 from flan_squad.evaluation.inference import answer_windows
+from flan_squad.data.prompts import UNANSWERABLE
 from flan_squad.data.squad import Question
 from flan_squad.models.strategies import FullFineTuning, LoRA, Strategy
 
@@ -105,7 +106,7 @@ def test_qlora_trains_the_same_after_a_validation_pass(tiny_base, cpu, batch, to
     model = _for_tests("qlora").build(tiny_base, cpu)
     before = _adapter_gradients(model, batch)
     model.eval()  # as Lightning's validation loop does
-    answer_windows(model, tokenizer, batch["input_ids"], batch["attention_mask"], 4, no_answer=True)
+    answer_windows(model, tokenizer, batch["input_ids"], batch["attention_mask"], 4, no_answer=UNANSWERABLE)
     after = _adapter_gradients(model, batch)
     assert len(before) == 4 * (tiny_base.config().num_layers + 2 * tiny_base.config().num_decoder_layers)
     assert all(g.abs().sum() > 0 for n, g in before.items() if "lora_B" in n)  # (A's is 0 while B is 0)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 import flan_squad.data.planted as planted
 from flan_squad.utils.errors import ConfigError
 from flan_squad.data.encoding import Encoded, Features, collate, encode
-from flan_squad.data.prompts import INSTRUCTIONS
+from flan_squad.data.prompts import PROMPTS, VERSIONS
 from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 from flan_squad.data.squad import DataError, Question, read_squad_file
 
@@ -85,10 +85,13 @@ class SquadDataModule(L.LightningDataModule):
         num_workers: int = 0,
         eval_stride: int | None = None,
         val_split: str = "validation",
+        prompt: str = "flan",
     ):
         super().__init__()
-        if version not in INSTRUCTIONS:
+        if version not in VERSIONS:
             raise ConfigError(f"dataset.version={version!r}: expected 'v1' or 'v2'")
+        if prompt not in PROMPTS:
+            raise ConfigError(f"model.prompt={prompt!r}: expected one of {', '.join(PROMPTS)}")
         for option, value in [("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                               ("max_source_length", max_source_length), ("max_target_length", max_target_length)]:
             if value is None or value <= 0:
@@ -108,6 +111,7 @@ class SquadDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.eval_stride = eval_stride  # validation splits long contexts into windows (None: truncates)
         self.val_split = val_split  # the hub split validated on when validation_file is None
+        self.prompt = prompt  # the model's format (model.prompt), given by the entry point
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.stats: dict[str, int] = {}
@@ -139,7 +143,7 @@ class SquadDataModule(L.LightningDataModule):
 
     def _encode(self, questions: list[Question], source: str, prefix: str, stride: int | None = None) -> Encoded:
         encoded = encode(questions, self.tokenizer, self.version, self.max_source_length,
-                         self.max_target_length, source, stride)
+                         self.max_target_length, source, stride, self.prompt)
         s = encoded.stats
         log.info("%s: %d questions, %d contexts truncated to %d tokens (%d lost their gold answer), "
                  "%d split into windows (%d inputs)", source, s.examples, s.truncated, self.max_source_length,

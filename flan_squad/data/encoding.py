@@ -1,5 +1,5 @@
-"""SQuAD questions as model inputs: the prompt around each context (only the context is ever cut, so the model always
-sees the whole instruction and question), tokenized, truncated for training or split into overlapping windows for
+"""SQuAD questions as model inputs: the prompt around each context (`flan_squad.data.prompts`; only the context is ever
+cut, so the model always sees the whole instruction and question), tokenized, truncated for training or split into overlapping windows for
 evaluation, and padded per batch.
 
 Reading order: `encode` -> `Features` (a Dataset over the encoded questions) -> `collate`.
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE
+from flan_squad.data.prompts import around_context, no_answer_target
 from flan_squad.data.squad import DataError, Question
 
 
@@ -57,30 +57,32 @@ def encode(
     max_target_length: int,
     source: str = "",
     stride: int | None = None,
+    prompt: str = "flan",
 ) -> Encoded:
-    """Tokenize prompts and targets; `source` names the data in errors.
+    """Tokenize prompts (in the `prompt` format) and targets; `source` names the data in errors.
 
     A context too long for `max_source_length` is truncated (stride=None, for training), or split into
     overlapping windows that share `stride` tokens (at most half a window), one model input per window
     (for evaluation, so that no part of the context goes unread).
     """
-    instruction_ids = tokenizer(INSTRUCTIONS[version], add_special_tokens=False).input_ids
     contexts = list(dict.fromkeys(q.context for q in questions))  # paragraphs repeat ~5x: encode once
     context_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True)
     context_index = {c: i for i, c in enumerate(contexts)}
-    question_ids = tokenizer([q.question for q in questions], add_special_tokens=False).input_ids
-    targets = [(q.answers[0] if q.answers else UNANSWERABLE) for q in questions]
+    before, after = zip(*(around_context(prompt, version, q.question) for q in questions))
+    before_ids = tokenizer(list(before), add_special_tokens=False).input_ids
+    after_ids = tokenizer(list(after), add_special_tokens=False).input_ids
+    targets = [(q.answers[0] if q.answers else no_answer_target(prompt)) for q in questions]
     labels = tokenizer(targets, max_length=max_target_length, truncation=True).input_ids
 
     out = Encoded(ids=[], input_ids=[], labels=[], stats=EncodeStats(examples=len(questions)))
-    for q, q_ids, q_labels in zip(questions, question_ids, labels):
+    for q, head, tail, q_labels in zip(questions, before_ids, after_ids, labels):
         c = context_index[q.context]
         c_ids, offsets = context_enc.input_ids[c], context_enc.offset_mapping[c]
-        budget = max_source_length - len(instruction_ids) - len(q_ids) - 1  # 1 for </s>
+        budget = max_source_length - len(head) - len(tail) - 1  # 1 for </s>
         if budget < 1:
             raise DataError(
-                f"{source}: question {q.id!r} is {len(q_ids)} tokens: with the instruction it leaves no room "
-                f"for the context in dataset.max_source_length={max_source_length}; raise it"
+                f"{source}: question {q.id!r} with the prompt around it is {len(head) + len(tail)} tokens: it "
+                f"leaves no room for the context in dataset.max_source_length={max_source_length}; raise it"
             )
         answer_end = _answer_end(q) if q.answers else None
         if q.answers and answer_end is None:
@@ -99,7 +101,7 @@ def encode(
             out.ids.append(q.id)
             out.windows.append(w)
             out.labels.append(q_labels)
-            out.input_ids.append(instruction_ids + c_ids[start : start + budget] + q_ids + [tokenizer.eos_token_id])
+            out.input_ids.append(head + c_ids[start : start + budget] + tail + [tokenizer.eos_token_id])
     out.stats.windows = len(out.ids)
     return out
 

@@ -1,9 +1,19 @@
-"""How a question is put to the model and how its answer comes back: FLAN's SQuAD instructions, and the answer
-"unanswerable" that stands for SQuAD v2's empty answer. No torch."""
+"""How a question is put to the model and how its answer comes back. No torch.
+
+Two formats (`model.prompt`), each an input template and the answer taught for an unanswerable question:
+- `flan`: FLAN's own SQuAD template, what FLAN-T5 was instruction-tuned on: the instruction (v2 adds how to decline),
+  the context, then the question; the model answers "unanswerable" when the context does not say.
+- `t5`: T5's SQuAD format (`question: ... context: ...`, as transformers' `run_seq2seq_qa.py` poses it); the model
+  answers nothing (it ends at once) when the context does not say. Models trained here from random weights learn
+  unanswerable questions far better this way (README, "Learning parity").
+Either way the answer for "no answer" becomes "" in a predictions file.
+"""
 
 from __future__ import annotations
 
 UNANSWERABLE = "unanswerable"
+PROMPTS = ("flan", "t5")
+VERSIONS = ("v1", "v2")
 
 # FLAN's own SQuAD templates (the v2 one tells the model how to decline).
 INSTRUCTIONS = {
@@ -12,7 +22,19 @@ INSTRUCTIONS = {
 }
 
 
+def around_context(prompt: str, version: str, question: str) -> tuple[str, str]:
+    """The text before and after the context in the model's input (only the context is ever cut)."""
+    if prompt == "t5":
+        return f"question: {question.lstrip()} context:", ""
+    return INSTRUCTIONS[version], question
+
+
+def no_answer_target(prompt: str) -> str:
+    """What the model is taught to answer when the context does not say ("": end of sequence at once)."""
+    return "" if prompt == "t5" else UNANSWERABLE
+
+
 def answer_to_prediction(generated: str) -> str:
-    """The text that goes into a predictions file: the "unanswerable" answer becomes ""."""
+    """The text that goes into a predictions file: the "unanswerable" answer (and no answer) becomes ""."""
     text = generated.strip()
     return "" if text.lower() == UNANSWERABLE else text

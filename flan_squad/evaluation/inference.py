@@ -2,7 +2,7 @@
 
 Training validation, evaluation, prediction and the benchmarks all answer questions through here:
 1. `answer_windows` answers a batch of encoded inputs (one per context window) greedily, and scores each
-   answer with the model's own log-probabilities (and, for v2, the log-probability of "unanswerable").
+   answer with the model's own log-probabilities (and, for v2, the log-probability of the no-answer answer).
 2. `combine_windows` picks one answer per question from its windows and gives its no-answer probability.
 3. `snap_to_context` maps an answer the tokenizer could not spell back to the context's own text.
 `collect_answers` does 2 and 3 for a whole split; `answer_questions` runs 1-3 on plain questions.
@@ -11,9 +11,9 @@ Definitions (also in the README):
 - window score: the mean log-probability per generated token (end-of-sequence included) of the window's
   greedy answer, so that long and short answers compete fairly.
 - no-answer probability of a question: P(u) / (P(u) + P(a)), where P(a) is the model's probability of
-  the chosen answer (the whole greedy sequence) and P(u) that of the answer "unanswerable", both given
-  the window the answer came from; it is 1.0 when every window answered "unanswerable" (the prediction
-  is then "" whatever the threshold).
+  the chosen answer (the whole greedy sequence) and P(u) that of the no-answer answer ("unanswerable" in the
+  `flan` prompt format, the empty answer in `t5`'s), both given the window the answer came from; it is 1.0
+  when every window gave no answer (the prediction is then "" whatever the threshold).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from flan_squad.data.encoding import collate, encode
-from flan_squad.data.prompts import UNANSWERABLE, answer_to_prediction
+from flan_squad.data.prompts import answer_to_prediction, no_answer_target
 from flan_squad.data.squad import Question
 
 
@@ -41,7 +41,7 @@ class WindowAnswer:
     text: str  # prediction text: "" when the model said "unanswerable" (or nothing)
     score: float  # mean log-probability per generated token: compares windows of one question
     logprob: float  # log P(whole greedy answer sequence)
-    na_logprob: float | None = None  # log P("unanswerable"), for SQuAD v2
+    na_logprob: float | None = None  # log P(no-answer answer), for SQuAD v2
 
 
 def run_encoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -61,10 +61,10 @@ def sequence_logprobs(model: nn.Module, encoder_outputs, attention_mask: torch.T
 
 @torch.no_grad()
 def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     max_new_tokens: int, no_answer: bool = False, encoder_outputs=None,
+                     max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Greedy answer token ids for each row (padded after their end of sequence), log P(answer) and, with
-    `no_answer`, log P("unanswerable"): tensors, as validation's metric accumulates them."""
+    """Greedy answer token ids for each row (padded after their end of sequence), log P(answer) and, given the
+    `no_answer` text (v2: "unanswerable" or ""), log P(no_answer): tensors, as validation's metric accumulates them."""
     if encoder_outputs is None:
         encoder_outputs = run_encoder(model, input_ids, attention_mask)
     out = model.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
@@ -75,8 +75,8 @@ def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, atten
                              for i, step in enumerate(out.logits)], dim=1)
     logprob = (step_logp * _answer_mask(tokens, tokenizer.eos_token_id)).sum(1)
     na_logprob = None
-    if no_answer:
-        target = tokenizer(UNANSWERABLE).input_ids  # ends with </s>
+    if no_answer is not None:
+        target = tokenizer(no_answer).input_ids  # ends with </s> ("" is </s> alone)
         labels = torch.tensor([target] * len(tokens), device=tokens.device)
         na_logprob = sequence_logprobs(model, encoder_outputs, attention_mask, labels)
     return tokens, logprob, na_logprob
@@ -98,8 +98,8 @@ def window_answers(tokenizer, tokens: torch.Tensor, logprob: torch.Tensor,
 
 
 def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   max_new_tokens: int, no_answer: bool = False, encoder_outputs=None) -> list[WindowAnswer]:
-    """Greedy answer for each row, scored by its own log-probabilities; `no_answer` adds log P("unanswerable")."""
+                   max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None) -> list[WindowAnswer]:
+    """Greedy answer for each row, scored by its own log-probabilities; the `no_answer` text adds log P(no_answer)."""
     generated = generate_windows(model, tokenizer, input_ids, attention_mask, max_new_tokens, no_answer,
                                  encoder_outputs)
     return window_answers(tokenizer, *generated)
@@ -109,7 +109,7 @@ def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attenti
 
 
 def combine_windows(windows: Sequence[WindowAnswer]) -> tuple[WindowAnswer | None, float | None]:
-    """The best-scoring real answer over a question's windows (None: every window said "unanswerable"),
+    """The best-scoring real answer over a question's windows (None: every window gave no answer),
     and the question's no-answer probability (None without `na_logprob`s)."""
     answered = [w for w in windows if w.text]
     best = max(answered, key=lambda w: w.score) if answered else None
@@ -212,10 +212,12 @@ def collect_answers(questions: Sequence[Question], windows: Mapping[tuple[str, i
 
 def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question], version: str,
                      max_source_length: int = 512, stride: int | None = 128, batch_size: int = 16,
-                     max_new_tokens: int = 32, snap: bool = True, progress: Iterable | None = None) -> Answers:
+                     max_new_tokens: int = 32, snap: bool = True, progress: Iterable | None = None,
+                     prompt: str = "flan") -> Answers:
     """Answer plain questions outside Lightning (predict, export checks): the same windows and choices as
-    validation. Batches are sorted by input length (longest first); answers come back in question order."""
-    encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride)
+    validation, in the `prompt` format the model was trained with. Batches are sorted by input length (longest
+    first); answers come back in question order."""
+    encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride, prompt=prompt)
     order = sorted(range(len(encoded.ids)), key=lambda i: -len(encoded.input_ids[i]))
     device = next(model.parameters()).device
     windows: dict[tuple[str, int], WindowAnswer] = {}
@@ -226,7 +228,7 @@ def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question],
         batch = collate([{"id": encoded.ids[i], "input_ids": encoded.input_ids[i], "labels": [0]} for i in rows],
                         tokenizer.pad_token_id)
         answers = answer_windows(model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 max_new_tokens, no_answer=version == "v2")
+                                 max_new_tokens, no_answer=no_answer_target(prompt) if version == "v2" else None)
         for i, answer in zip(rows, answers):
             windows[encoded.ids[i], encoded.windows[i]] = answer
     result = collect_answers(questions, windows, snap, spellable_by(tokenizer))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flan_squad.data.prompts import PROMPTS
 from flan_squad.utils.errors import ConfigError, FlanSquadError
 from flan_squad.utils.files import write_dir_atomic
 
@@ -62,6 +63,11 @@ class BaseModel:
     architecture (`architecture`, on top of the FLAN-T5 defaults) with random weights, seeded by
     `init_seed`, and saves it once under `cache_dir`, so that every strategy, reload and export starts
     from the very same weights through the same `from_pretrained` path as a real checkpoint.
+
+    `prompt` is the format the model reads questions in and answers "no answer" in (`flan_squad.data.prompts`):
+    `flan` for FLAN-T5 (what it was instruction-tuned on), `t5` for models trained here from random weights
+    (conf/model/t5_tiny.yaml: they learn unanswerable questions better with it, README "Learning parity"). A run
+    dir's model is asked in the format it was trained with (its config.yaml; runs from before the option: flan).
     """
 
     name: str
@@ -73,10 +79,13 @@ class BaseModel:
     cache_dir: str = "outputs/.cache"
     note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
     random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. the FLAN-T5 one (all sizes share it)
+    prompt: str = "flan"
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
+        if self.prompt not in PROMPTS:
+            raise ConfigError(f"model.prompt={self.prompt!r}: expected one of {', '.join(PROMPTS)}")
         if self.init == "pretrained" and not self.name_or_path:
             raise ConfigError(f"model {self.name!r} has no pretrained weights (model.name_or_path is empty): "
                               f"use model.init=random or set model.name_or_path")

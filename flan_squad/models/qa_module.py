@@ -17,6 +17,7 @@ from torch import nn
 from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.utils.errors import ConfigError, TrainingError
 from flan_squad.utils.rng import capture_rng_states, restore_rng_states
+from flan_squad.data.prompts import no_answer_target
 from flan_squad.evaluation.inference import generate_windows, run_encoder
 from flan_squad.evaluation.squad_metric import SquadAnswers
 
@@ -121,7 +122,8 @@ class SquadQAModule(L.LightningModule):
                           labels=batch["labels"]).loss
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
         generated = generate_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
-                                     self.max_new_tokens, no_answer=self.version == "v2",
+                                     self.max_new_tokens,
+                                     no_answer=no_answer_target(self.base.prompt) if self.version == "v2" else None,
                                      encoder_outputs=encoder_outputs)
         self.validation_answers.update(batch["ids"], batch["windows"], *generated)
 
