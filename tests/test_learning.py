@@ -88,6 +88,32 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
             name, f1_per_epoch)
 
 
+# The decoy check (README "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
+# Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread):
+#   model.prompt=t5   (t5_tiny's default)         89.0 / 79.0   75.0 / 41.9   75.5 / 40.3
+#   model.prompt=flan (t5_tiny's before the fix)  67.0 /  6.5   73.5 / 50.0   74.5 / 29.0
+# In this test (2 threads, in-process) seed 0 gave 86.0 / 62.9 with t5 and 67.0 / 6.5 with flan: the thread count
+# moves the trajectory. The thresholds pass every seed measured with the t5 format and fail seed 0 (this test's)
+# with FLAN's.
+DECOY_MINI = ["model.architecture={d_model: 128, d_kv: 32, num_layers: 3, num_decoder_layers: 3, num_heads: 4, "
+              "d_ff: 384, dropout_rate: 0.0}", "strategy=full", "strategy.lr=1e-3", "trainer.max_epochs=3",
+              "trainer.precision=32-true", "seed=0", "dataset=squad_v2", "dataset.limit_train=null",
+              "dataset.limit_val=null", "dataset.max_source_length=128"]
+
+
+def test_unanswerable_questions_with_a_decoy_fact_are_learned(tmp_path, cache_dir, run_entry_point):
+    # Each context holds one code; in a third of the questions it is of another kind than the one asked for, so
+    # the model must read the kind. With FLAN's format (instruction, context, question; "unanswerable") a model
+    # trained from random weights mostly copied the decoy: the gap issue 17 measured against Seq2SeqTrainer.
+    from flan_squad.data.planted import build_short_decoy
+
+    task = build_short_decoy(tmp_path / "task", SHARED)
+    (job,) = _multirun(run_entry_point, [*DECOY_MINI, f"dataset.train_file={task}/train.json",
+                                         f"dataset.validation_file={task}/dev.json"], tmp_path / "runs", cache_dir)
+    assert job["init"] == "random" and job["squad_version"] == "v2" and len(job["validations"]) == 3
+    assert job["NoAns_f1"] >= 35 and job["f1"] >= 70, {k: job[k] for k in ("f1", "HasAns_f1", "NoAns_f1")}
+
+
 def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
     from flan_squad.data.squad import read_squad_file
     from flan_squad.data.planted import build, make_split

@@ -119,6 +119,17 @@ def build_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, 
     return Path(out_dir)
 
 
+def build_short_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, dev: int = 200) -> Path:
+    """Write {train,dev}.json of the decoy variant on the planted task's short contexts (each paragraph's opening
+    sentence, ~40 tokens with the fact: fast to train on), train and dev on disjoint paragraphs: the learning
+    check of unanswerable questions (tests/test_learning.py)."""
+    texts = paragraphs(shared_dir)
+    split_at = len(texts) * 4 // 5
+    write_json_atomic(Path(out_dir) / "train.json", make_decoy_split(texts[:split_at], train, 1, "t"))
+    write_json_atomic(Path(out_dir) / "dev.json", make_decoy_split(texts[split_at:], dev, 2, "d"))
+    return Path(out_dir)
+
+
 def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
     """Write {v1,v2}/{train,dev}.json under `out_dir` (train and dev plant into disjoint paragraphs)."""
     missing = [(v, version, s, split, n) for v, version in enumerate(("v1", "v2"))
