@@ -115,7 +115,8 @@ def eval_run(spec: Spec, repeats: int, model_dir: str | Path | None = None,
         tokenizer, max_new_tokens = project_model.tokenizer, cfg.eval.max_new_tokens
 
         # The baseline's inputs: the project's prompts for the same (seeded) questions, truncated, no windows.
-        dm = instantiate(cfg.dataset, tokenizer=tokenizer, eval_stride=None, val_split=cfg.split)
+        dm = instantiate(cfg.dataset, tokenizer=tokenizer, eval_stride=None, val_split=cfg.split,
+                         prompt=project_model.base.prompt)
         dm.setup("validate")
         enc = dm._val
         features = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
                                                         f"dataset.max_source_length={args.max_source_length}",
                                                         "model.tokenizer=${paths.tokenizer_dir}"])
     tokenizer = instantiate(cfg.model, _convert_="all").load_tokenizer()
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, limit_val=1)
+    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, limit_val=1, prompt=cfg.model.prompt)
     datamodule.setup("fit")
     lengths = [len(ids) for ids in datamodule._train.input_ids]
     size = args.batch_size

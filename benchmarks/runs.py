@@ -92,7 +92,7 @@ class _Setup:
         self.cfg = cfg = compose_config(spec, output_dir)
         parts = build_parts(cfg)
         self.base, self.strategy, self.tokenizer = parts.base, parts.strategy, parts.tokenizer
-        self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed)
+        self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed, prompt=self.base.prompt)
         self.device = torch.device(spec.device)
 
 

@@ -95,7 +95,7 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
 # In this test (2 threads, in-process) seed 0 gave 86.0 / 62.9 with t5 and 67.0 / 6.5 with flan: the thread count
 # moves the trajectory. The thresholds pass every seed measured with the t5 format and fail seed 0 (this test's)
 # with FLAN's.
-DECOY_MINI = ["model.architecture={d_model: 128, d_kv: 32, num_layers: 3, num_decoder_layers: 3, num_heads: 4, "
+DECOY_MINI = ["model.prompt=t5", "model.architecture={d_model: 128, d_kv: 32, num_layers: 3, num_decoder_layers: 3, num_heads: 4, "
               "d_ff: 384, dropout_rate: 0.0}", "strategy=full", "strategy.lr=1e-3", "trainer.max_epochs=3",
               "trainer.precision=32-true", "seed=0", "dataset=squad_v2", "dataset.limit_train=null",
               "dataset.limit_val=null", "dataset.max_source_length=128"]

@@ -60,7 +60,11 @@ def test_ia3_trains_reports_exports_and_predicts(tmp_path, cache_dir):
     questions = [q for q in read_squad_file(SHARED / "data/squad/v1.1/dev-v1.1.json")[1] if q.id in predictions]
     input_file = tmp_path / "questions.json"
     input_file.write_text(json.dumps([{"id": q.id, "question": q.question, "context": q.context} for q in questions]))
+    # asked in the format it was trained in, as the export records it (smoke's t5_tiny: t5)
+    prompt = json.loads((exported / "flan_squad_export.json").read_text())["prompt"]
+    assert prompt == "t5"
     cfg = compose_config([f"model.name_or_path={exported}", "model.init=pretrained", "model.tokenizer=null",
+                          f"model.prompt={prompt}",
                           "dataset=squad_v1", f"input_file={input_file}", "dataset.max_source_length=128",
                           "eval.stride=32", "eval.max_new_tokens=6", "precision=32-true"], config_name="predict",
                          cache=cache_dir)

@@ -118,8 +118,8 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
            'model = AutoModelForSeq2SeqLM.from_pretrained("<this dir>")']),
         'tokenizer = AutoTokenizer.from_pretrained("<this dir>")',
         "```", "",
-        f"It answers questions posed with flan-squad's SQuAD {m.get('squad_version')} prompt, which "
-        f"`python -m flan_squad.predict` builds.",
+        f"It answers questions posed with flan-squad's SQuAD {m.get('squad_version')} prompt in the "
+        f"`{model.get('prompt', 'flan')}` format (`model.prompt`), which `python -m flan_squad.predict` builds.",
         "",
     ]
     return "\n".join(lines)
