@@ -69,13 +69,14 @@ def encode(
     context_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True)
     context_index = {c: i for i, c in enumerate(contexts)}
     before, after = zip(*(around_context(prompt, version, q.question) for q in questions))
-    before_ids = tokenizer(list(before), add_special_tokens=False).input_ids
-    after_ids = tokenizer(list(after), add_special_tokens=False).input_ids
+    pieces = list(dict.fromkeys(before + after))  # FLAN's instruction is in every prompt: tokenize it once
+    piece_ids = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False).input_ids))
     targets = [(q.answers[0] if q.answers else no_answer_target(prompt)) for q in questions]
     labels = tokenizer(targets, max_length=max_target_length, truncation=True).input_ids
 
     out = Encoded(ids=[], input_ids=[], labels=[], stats=EncodeStats(examples=len(questions)))
-    for q, head, tail, q_labels in zip(questions, before_ids, after_ids, labels):
+    for q, head_text, tail_text, q_labels in zip(questions, before, after, labels):
+        head, tail = piece_ids[head_text], piece_ids[tail_text]
         c = context_index[q.context]
         c_ids, offsets = context_enc.input_ids[c], context_enc.offset_mapping[c]
         budget = max_source_length - len(head) - len(tail) - 1  # 1 for </s>
