@@ -71,10 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ablation: batches per length-sorted group in the project's sampler (1: random batches)")
     p.add_argument("--project-model-prompt", choices=("t5", "flan"), default="t5",
                    help="the project's model.prompt: t5 (t5_tiny's default since the parity fix) or flan (before it)")
-    p.add_argument("--project-prompt", choices=("project", "qa"), default="project",
-                   help="ablation: qa gives the project the peer's 'question: ... context: ...' inputs")
-    p.add_argument("--project-target", choices=("unanswerable", "empty"), default="unanswerable",
-                   help="ablation: empty gives the project the peer's empty target for unanswerable questions")
+    p.add_argument("--project-target", choices=("format", "empty", "unanswerable"), default="format",
+                   help="ablation: the project's target for an unanswerable question, whatever model.prompt's own is "
+                        "(format: its own; empty: the peer's; unanswerable: FLAN's), e.g. FLAN's template with the "
+                        "empty target: --project-model-prompt flan --project-target empty")
     p.add_argument("--peer-target", choices=("empty", "unanswerable"), default="empty",
                    help="the peer's target for an unanswerable question")
     p.add_argument("--peer-prompt", choices=("qa", "project"), default="qa",
@@ -153,7 +153,7 @@ def run_project(spec: dict) -> dict:
             argv += ["model.init=pretrained", f"model.name_or_path={out}/init"]
         start = time.perf_counter()
         entry = ["-m", "flan_squad.train"]
-        patches = {k: spec[k] for k in ("project_group_batches", "project_prompt", "project_target") if k in spec}
+        patches = {k: spec[k] for k in ("project_group_batches", "project_target") if k in spec}
         if patches:  # ablation: the same entry point with one part swapped (see _as_train)
             entry = ["-m", "benchmarks.parity", "--as-train", json.dumps(patches)]
         proc = subprocess.run([sys.executable, *entry, *argv], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -257,32 +257,21 @@ def table(rows: list[dict]) -> str:
 
 def _as_train(patches: dict, argv: list[str]) -> None:
     """`python -m flan_squad.train ARGV` with one part swapped, for an ablation only: the length-grouped sampler's
-    group size (`project_group_batches`), the peer's prompt "question: ... context: ..." (`project_prompt: qa`),
-    the peer's empty target for unanswerable questions (`project_target: empty`: the model learns to end at once,
-    and an empty answer is "no answer" when decoding, as for the peer)."""
+    group size (`project_group_batches`), the training target of unanswerable questions whatever model.prompt's
+    own is (`project_target`: "empty", the peer's, or "unanswerable", FLAN's; either decodes to "no answer")."""
     import runpy
 
     from flan_squad.data import datamodule as data
     from flan_squad.data import encoding
+    from flan_squad.data.prompts import UNANSWERABLE
 
     if "project_group_batches" in patches:
         init = data.LengthGroupedSampler.__init__
         data.LengthGroupedSampler.__init__ = lambda self, lengths, batch_size, seed=0, group_batches=50: init(
             self, lengths, batch_size, seed, patches["project_group_batches"])
-    if patches.get("project_target") == "empty":
-        encoding.no_answer_target = lambda prompt: ""  # tokenizer("") is just </s>
-    if patches.get("project_prompt") == "qa":
-        def encode_qa(questions, tokenizer, version, max_source_length, max_target_length, source="", stride=None,
-                      prompt=None):
-            empty = encoding.no_answer_target(prompt)
-            inputs = [f"question: {q.question.lstrip()} context: {q.context.lstrip()}" for q in questions]
-            input_ids = tokenizer(inputs, max_length=max_source_length, truncation=True).input_ids
-            labels = tokenizer([q.answers[0] if q.answers else empty for q in questions],
-                               max_length=max_target_length, truncation=True).input_ids
-            stats = encoding.EncodeStats(examples=len(questions), windows=len(questions))
-            return encoding.Encoded([q.id for q in questions], input_ids, labels, stats, [0] * len(questions))
-
-        data.encode = encode_qa
+    if "project_target" in patches:
+        target = "" if patches["project_target"] == "empty" else UNANSWERABLE  # tokenizer("") is just </s>
+        encoding.no_answer_target = lambda prompt: target
     sys.argv = ["flan_squad.train", *argv]
     runpy.run_module("flan_squad.train", run_name="__main__")
 
@@ -294,9 +283,7 @@ def _variant(args, side: str) -> dict:
             variant["model_prompt"] = args.project_model_prompt
         if args.project_group_batches is not None:
             variant["project_group_batches"] = args.project_group_batches
-        if args.project_prompt != "project":
-            variant["project_prompt"] = args.project_prompt
-        if args.project_target != "unanswerable":
+        if args.project_target != "format":
             variant["project_target"] = args.project_target
         if args.project_init != "checkpoint":  # only when set, so that runs kept from before stay valid
             variant["project_init"] = args.project_init
@@ -309,7 +296,7 @@ def _label(side: str, variant: dict, init: str) -> str:
     if side == "project":
         extra = " ".join(variant["project_set"] + ([f"group_batches={variant['project_group_batches']}"]
                                                     if "project_group_batches" in variant else [])
-                         + [f"{k.removeprefix('project_')}={variant[k]}" for k in ("project_prompt", "project_target")
+                         + [f"{k.removeprefix('project_')}={variant[k]}" for k in ("project_target",)
                             if k in variant]
                          + [f"model.prompt={variant.get('model_prompt', 'flan')}"]
                          + ([f"init={variant['project_init']}"] if "project_init" in variant else []))
