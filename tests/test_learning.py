@@ -89,7 +89,10 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
 
 
 # The decoy check (README "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
-# Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread):
+# Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread), random init:
+#   OMP_NUM_THREADS=1 python -m flan_squad.train experiment=learning_check <DECOY_MINI> seed=S model.init_seed=S
+#     model.prompt=t5|flan dataset.train_file=<dir>/train.json dataset.validation_file=<dir>/dev.json
+#   (<dir>: flan_squad.data.planted.build_short_decoy(<dir>, '../shared'))
 #   model.prompt=t5   (t5_tiny's default)         89.0 / 79.0   75.0 / 41.9   75.5 / 40.3
 #   model.prompt=flan (t5_tiny's before the fix)  67.0 /  6.5   73.5 / 50.0   74.5 / 29.0
 # In this test (2 threads, in-process) seed 0 gave 86.0 / 62.9 with t5 and 67.0 / 6.5 with flan: the thread count
