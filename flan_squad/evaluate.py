@@ -23,14 +23,15 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.models.base import count_parameters  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.runs.cost import PeakMemory  # noqa: E402
-from flan_squad.runs.results import framed, write_results  # noqa: E402
-from flan_squad.runs.rundir import owns_run_dir  # noqa: E402
+from flan_squad.runs.lifecycle import Run  # noqa: E402
+from flan_squad.runs.previous import EVALUATION_FILES  # noqa: E402
+from flan_squad.runs.results import framed  # noqa: E402
 from flan_squad.utils.files import read_json  # noqa: E402
 from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
 
@@ -77,46 +78,46 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind)
 
 
-@owns_run_dir  # one writer
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.get("run_dir"):
-        run_config(cfg.run_dir)  # a bad run_dir fails at once, before the Trainer and the model start
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    L.seed_everything(cfg.seed)
+    # The eval dir's life (runs/lifecycle.py), as a training run's: held by this process alone; a failure puts the
+    # previous evaluation's files back (or records status.json "failed"); the MLflow run ends with the same status.
+    with Run(cfg, files=EVALUATION_FILES) as run:
+        output_dir = run.output_dir
+        run.start(overwrite=True)  # a new evaluation replaces the previous one here, kept until it has finished
+        if cfg.get("run_dir"):
+            run_config(cfg.run_dir)  # a bad run_dir fails at once, before the Trainer and the model start
+        L.seed_everything(cfg.seed)
 
-    v = validate(cfg)
-    module, datamodule, restored, seconds = v.module, v.datamodule, v.restored, v.seconds
-    metrics = {
-        **module.scores,
-        **module.answer_stats,
-        "evaluated": restored.source,
-        "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
-        "strategy": restored.strategy.name,  # for a base model: the strategy that loaded it (e.g. 4-bit for qlora)
-        "approach": restored.approach,  # a base model's is the "before fine-tuning" row of a comparison report
-        "model": restored.base.name,
-        "init": restored.base.init,
-        "model_note": restored.base.note,
-        "dataset": datamodule.name,
-        "squad_version": datamodule.version,
-        "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
-        "val_examples": len(datamodule.val_questions),
-        **_parameter_counts(cfg, restored),
-        "eval_time_s": round(seconds, 3),
-        "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
-        "peak_memory_mb": v.peak_memory_mb,
-        "peak_memory_kind": v.peak_memory_kind,
-        "max_new_tokens": cfg.eval.max_new_tokens,
-        "stride": cfg.eval.stride,
-        "snap_to_context": cfg.eval.snap_to_context,
-        "precision": str(v.trainer.precision),
-        "device": str(v.trainer.strategy.root_device),
-        **datamodule.stats,
-        "output_dir": str(output_dir),
-    }
-    if v.trainer.is_global_zero:
-        write_results(output_dir, module.predictions, module.na_probs, metrics, _summary(metrics))
+        v = validate(cfg)
+        module, datamodule, restored, seconds = v.module, v.datamodule, v.restored, v.seconds
+        metrics = {
+            **module.scores,
+            **module.answer_stats,
+            "evaluated": restored.source,
+            "run_dir": str(cfg.run_dir) if cfg.get("run_dir") else None,
+            "strategy": restored.strategy.name,  # for a base model: the strategy that loaded it (e.g. 4-bit for qlora)
+            "approach": restored.approach,  # a base model's is the "before fine-tuning" row of a comparison report
+            "model": restored.base.name,
+            "init": restored.base.init,
+            "model_note": restored.base.note,
+            "dataset": datamodule.name,
+            "squad_version": datamodule.version,
+            "split": str(datamodule.validation_file or f"{datamodule.hub_id}[{cfg.split}]"),
+            "val_examples": len(datamodule.val_questions),
+            **_parameter_counts(cfg, restored),
+            "eval_time_s": round(seconds, 3),
+            "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
+            "peak_memory_mb": v.peak_memory_mb,
+            "peak_memory_kind": v.peak_memory_kind,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "stride": cfg.eval.stride,
+            "snap_to_context": cfg.eval.snap_to_context,
+            "precision": str(v.trainer.precision),
+            "device": str(v.trainer.strategy.root_device),
+            **datamodule.stats,
+            "output_dir": str(output_dir),
+        }
+        run.complete(metrics, module.predictions, module.na_probs, _summary(metrics))
     return metrics
 
 

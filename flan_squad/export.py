@@ -22,7 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs.rundir import check_directory, hold  # noqa: E402
+from flan_squad.runs.lock import check_directory, hold  # noqa: E402
 from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config  # noqa: E402
 from flan_squad.runs.model_card import command_line, run_command, write_model_card  # noqa: E402
 from flan_squad.utils.files import read_json  # noqa: E402

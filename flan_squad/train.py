@@ -11,26 +11,26 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataloader may fork after tokenizing
 
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic  # noqa: E402
+from flan_squad.utils.process import in_multirun  # noqa: E402
 from flan_squad.runs.restore import build_parts  # noqa: E402
 from flan_squad.runs.cost import CostMonitor  # noqa: E402
-from flan_squad.runs.results import summary, write_results  # noqa: E402
-from flan_squad.runs.rundir import is_rank_zero, owns_run_dir, prepare_run_dir  # noqa: E402
+from flan_squad.runs.lifecycle import Run  # noqa: E402
+from flan_squad.runs.results import summary  # noqa: E402
+from flan_squad.runs.resume import requeued  # noqa: E402
 from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
-from flan_squad.runs.signals import Interruption, interruptible, requeued  # noqa: E402
+from flan_squad.runs.signals import Interruption, interruptible  # noqa: E402
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -39,67 +39,71 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if "_target_" in c]
 
 
-@owns_run_dir  # one writer; the previous results are kept until this run has finished
 def train(cfg: DictConfig) -> dict[str, Any]:
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # DDP children re-run this after rank 0 has checked (and, with overwrite, set aside) the run dir.
-    ckpt_path = prepare_run_dir(output_dir, cfg.resume or requeued(output_dir), cfg.ckpt_path, cfg.overwrite)
-    if is_rank_zero():
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    L.seed_everything(cfg.seed, workers=True)
+    # The run dir's life (runs/lifecycle.py): held by this process alone from here to the end of `with`; on the way
+    # out of it a failure puts the previous run's files back (or records status.json "failed"), an interruption
+    # records "interrupted" and leaves the run resumable; the MLflow run (logger=mlflow) ends with the same status.
+    with Run(cfg) as run:
+        output_dir = run.output_dir
+        # Refused if the dir holds results (unless overwrite: then set aside until `complete`), or nothing to
+        # resume; writes config.yaml and .hydra/, opens the MLflow run. DDP children get the same checkpoint.
+        ckpt_path = run.start(resume=cfg.resume or requeued(output_dir), ckpt_path=cfg.ckpt_path,
+                              overwrite=cfg.overwrite)
+        _refuse_ddp_in_local_multirun(cfg)
+        L.seed_everything(cfg.seed, workers=True)
 
-    parts = build_parts(cfg)
-    base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
-    base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
-    module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
-    cost = CostMonitor()
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        parts = build_parts(cfg)
+        base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
+        base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
+        datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
+        module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
+        cost = CostMonitor()
+        callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
+        loggers = _instantiate_group(cfg.get("logger"))
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, status.json, exit 143 / 130
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if best:
-            rebuild_before_reload(trainer, module)
-        trainer.loggers = []  # the best checkpoint's scores go to metrics.json, not as a second point on the curves
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, then RunInterrupted (exit 143 / 130)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if best:
+                rebuild_before_reload(trainer, module)
+            trainer.loggers = []  # the best checkpoint's scores go to metrics.json, not as a second point on the curves
+            trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
-    with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
+        with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
+            if trainer.is_global_zero:
+                write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
+        metrics = {
+            **module.scores,
+            **module.answer_stats,
+            "strategy": strategy.name,
+            "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
+            "model": base.name,
+            "init": base.init,
+            "model_note": base.note,
+            "dataset": datamodule.name,
+            "squad_version": datamodule.version,
+            **module.parameter_counts(),
+            **cost.as_dict(),
+            "train_examples": len(datamodule.train_questions),
+            "val_examples": len(datamodule.val_questions),
+            "epochs": trainer.current_epoch,
+            "optimizer_steps": trainer.global_step,
+            "batch_size": datamodule.batch_size,
+            "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
+            "lr": strategy.lr,
+            "seed": cfg.seed,
+            "precision": str(trainer.precision),
+            "device": str(trainer.strategy.root_device),
+            **datamodule.stats,
+            "best_checkpoint": os.path.relpath(best, output_dir) if best else None,
+            "resumed_from": ckpt_path,
+            "output_dir": str(output_dir),
+        }
         if trainer.is_global_zero:
-            write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
-    metrics = {
-        **module.scores,
-        **module.answer_stats,
-        "strategy": strategy.name,
-        "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
-        "model": base.name,
-        "init": base.init,
-        "model_note": base.note,
-        "dataset": datamodule.name,
-        "squad_version": datamodule.version,
-        **module.parameter_counts(),
-        **cost.as_dict(),
-        "train_examples": len(datamodule.train_questions),
-        "val_examples": len(datamodule.val_questions),
-        "epochs": trainer.current_epoch,
-        "optimizer_steps": trainer.global_step,
-        "batch_size": datamodule.batch_size,
-        "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
-        "lr": strategy.lr,
-        "seed": cfg.seed,
-        "precision": str(trainer.precision),
-        "device": str(trainer.strategy.root_device),
-        **datamodule.stats,
-        "best_checkpoint": os.path.relpath(best, output_dir) if best else None,
-        "resumed_from": ckpt_path,
-        "output_dir": str(output_dir),
-    }
-    if trainer.is_global_zero:
-        write_model_card(output_dir / "model", metrics, cfg, command_line())
-        write_results(output_dir, module.predictions, module.na_probs, metrics, summary(metrics, output_dir))
+            write_model_card(output_dir / "model", metrics, cfg, command_line())
+        # metrics.json, predictions.json, na_probs.json (v2), status.json "completed"; the previous run's files go
+        run.complete(metrics, module.predictions, module.na_probs, summary(metrics, output_dir))
     return metrics
 
 
@@ -114,9 +118,8 @@ def optimized_metric(cfg: DictConfig, metrics: dict[str, Any]) -> float:
 
 
 def _refuse_ddp_in_local_multirun(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
     several = cfg.trainer.get("devices", 1) not in (1, "1") or cfg.trainer.get("num_nodes", 1) != 1
-    if hydra_cfg.mode == RunMode.MULTIRUN and several and "BasicLauncher" in hydra_cfg.launcher._target_:
+    if several and in_multirun() and "BasicLauncher" in HydraConfig.get().launcher._target_:
         # Lightning starts the other DDP processes by re-running this command line: with -m, the whole sweep.
         raise ConfigError("several devices per job inside a local multirun (-m) is not supported: run each job "
                           "on its own, or sweep with hydra/launcher=slurm (one SLURM job per sweep job)")
@@ -128,7 +131,6 @@ register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     with exit_on_error():
-        _refuse_ddp_in_local_multirun(cfg)
         return optimized_metric(cfg, train(cfg))
 
 

@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import DEV_V1, SHARED, subprocess_env
 from flan_squad.utils.config import PROJECT_ROOT
 from flan_squad.utils.errors import RunDirError
-from flan_squad.runs.rundir import hold, owns_run_dir
+from flan_squad.runs.lifecycle import Run
+from flan_squad.runs.lock import hold
 from flan_squad.data.squad import DataError, read_squad_file
 
 # A tiny full fine-tuning on SQuAD v2 (so it writes na_probs.json), with the default callbacks and no logger.
@@ -105,7 +107,7 @@ def test_a_run_dir_held_by_a_live_process_is_refused_and_a_dead_ones_lock_does_n
                                                                                          monkeypatch):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from flan_squad.runs.rundir import hold\nwith hold({str(run_dir)!r}):\n"
+        [sys.executable, "-c", f"from flan_squad.runs.lock import hold\nwith hold({str(run_dir)!r}):\n"
                                f"    print('held', flush=True)\n    input()"],
         cwd=PROJECT_ROOT, env=subprocess_env(PYTHONPATH=str(PROJECT_ROOT)), stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True)
@@ -117,7 +119,9 @@ def test_a_run_dir_held_by_a_live_process_is_refused_and_a_dead_ones_lock_does_n
             _one_error_line(run_entry_point(module, argv), f"{run_dir} is in use by process {holder.pid}")
         # DDP: the other ranks re-run the entry point in the dir that rank 0 holds
         monkeypatch.setenv("LOCAL_RANK", "1")
-        assert owns_run_dir(lambda cfg: "ran")(_Config(run_dir)) == "ran"
+        with Run(OmegaConf.create({"paths": {"output_dir": str(run_dir)}})) as run:
+            ran = not run.is_rank_zero
+        assert ran
         monkeypatch.delenv("LOCAL_RANK")
     finally:
         holder.send_signal(signal.SIGKILL)  # its lock file stays behind, its lock does not
@@ -127,11 +131,6 @@ def test_a_run_dir_held_by_a_live_process_is_refused_and_a_dead_ones_lock_does_n
         with pytest.raises(RunDirError, match=f"in use by process {os.getpid()}"):
             with hold(run_dir):  # a second writer in this very process is refused too
                 pass
-
-
-class _Config:
-    def __init__(self, output_dir: Path):
-        self.paths = type("Paths", (), {"output_dir": str(output_dir)})()
 
 
 # --- loading a run dir runs no code ------------------------------------------------------------------------------
@@ -263,7 +262,7 @@ def _write(path: Path, data) -> Path:
 
 def test_rank_zero_is_read_as_lightning_reads_it_before_the_trainer_exists(monkeypatch):
     # A multi-task SLURM job's tasks have only SLURM_PROCID: task 1 must not take (and be refused) the run dir's lock.
-    from flan_squad.runs.rundir import is_rank_zero
+    from flan_squad.utils.process import is_rank_zero
 
     for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(variable, raising=False)

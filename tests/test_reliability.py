@@ -17,7 +17,7 @@ from conftest import compose_config, subprocess_env
 from flan_squad.utils.config import PROJECT_ROOT
 from flan_squad.utils.errors import RunDirError, TrainingError
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic
-from flan_squad.runs.rundir import prepare_run_dir
+from flan_squad.runs.lifecycle import prepare_run_dir
 from flan_squad.train import train
 
 TESTS = Path(__file__).parent

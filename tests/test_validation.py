@@ -135,7 +135,7 @@ def test_predict_argument_errors_are_config_errors():
 def test_only_flan_squad_errors_become_one_line(monkeypatch, capsys):
     from flan_squad.utils import errors
 
-    monkeypatch.setattr(errors, "_in_multirun", lambda: False)
+    monkeypatch.setattr(errors, "in_multirun", lambda: False)
     with pytest.raises(SystemExit) as exit_, errors.exit_on_error():
         try:
             raise ConfigError("strategy.rank=0: must be a whole number > 0")
@@ -144,7 +144,7 @@ def test_only_flan_squad_errors_become_one_line(monkeypatch, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: strategy.rank=0: must be a whole number > 0\n"
     with pytest.raises(KeyError), errors.exit_on_error():  # a bug keeps its traceback
         raise KeyError("x")
-    monkeypatch.setattr(errors, "_in_multirun", lambda: True)
+    monkeypatch.setattr(errors, "in_multirun", lambda: True)
     with pytest.raises(ConfigError), errors.exit_on_error():  # a sweep job fails the Hydra way: recorded, raised
         raise ConfigError("strategy.rank=0: must be a whole number > 0")
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import flan_squad.data.planted as planted
-from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.errors import ConfigError, error_line
 from flan_squad.data.encoding import Encoded, Features, collate, encode
 from flan_squad.data.prompts import PROMPTS, VERSIONS
 from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
@@ -35,8 +35,8 @@ def read_squad_hub(hub_id: str, split: str) -> list[Question]:
         rows = datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline, unknown id, no such split: all need the same advice
         raise DataError(
-            f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Without hub access, point at local files in "
+            f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({error_line(e)}). "
+            f"Without hub access, point at local files in "
             f"the official SQuAD format: dataset.train_file=... dataset.validation_file=..."
         ) from None
     return [

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flan_squad.data.prompts import PROMPTS
-from flan_squad.utils.errors import ConfigError, FlanSquadError
+from flan_squad.utils.errors import ConfigError, FlanSquadError, first_line
 from flan_squad.utils.files import write_dir_atomic
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,8 @@ def _hub_hint(what: str, name: str, error: Exception) -> ModelLoadError:
             f"FLAN_SQUAD_SHARED=/path/to/shared. A base trained here is built first: model=t5_mini_planted by "
             f"`make base-cpu` (python -m flan_squad.train experiment=base_cpu)."
         )
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
-        f"could not load the {what} {name!r}: {first_line}\n"
+        f"could not load the {what} {name!r}: {first_line(error)}\n"
         f"Without Hugging Face hub access, use a local directory (model.name_or_path=/path/to/flan-t5 "
         f"or model.tokenizer=/path/to/tokenizer), or model.init=random to build the architecture with "
         f"random weights (the tokenizer is still needed: model.tokenizer=../shared/models/flan-t5-small-tokenizer)."
@@ -132,7 +131,8 @@ class BaseModel:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (directory / "config.json").exists():
                 log.info("Building %s with random weights (seed %d) into %s", self.name, self.init_seed, directory)
-                with _fork_rng(self.init_seed):
+                with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                    torch.random.default_generator.manual_seed(self.init_seed)  # the CPU's: the model is built there
                     model = T5ForConditionalGeneration(self.config())
                     # transformers ties lm_head to the embedding when building from a config, whatever the
                     # config says; FLAN-T5 has its own lm_head. T5 initialises an untied one with std 1, which
@@ -150,20 +150,6 @@ class BaseModel:
 
                 write_dir_atomic(directory, save)  # a crash mid-save leaves no half-written checkpoint behind
         return directory
-
-
-class _fork_rng:
-    """Seed torch for a block without disturbing the caller's random state."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

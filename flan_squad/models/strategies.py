@@ -22,7 +22,7 @@ from torch import nn
 
 from flan_squad.models.base import BaseModel
 from flan_squad.utils.precision import bf16_is_native
-from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.errors import ConfigError, error_line
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ class QLoRA(LoRA):
             model = base.load(quantization_config=quantization, device_map={"": device})
         except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
             raise ConfigError(
-                f"strategy=qlora: bitsandbytes cannot load 4-bit weights on device {device} ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); use strategy=lora or another device"
+                f"strategy=qlora: bitsandbytes cannot load 4-bit weights on device {device} ({error_line(e)}); "
+                f"use strategy=lora or another device"
             ) from e
         # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first time
         # the layer runs in eval mode without grad (validation, say). That kernel has no backward (training after

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from flan_squad.runs.results import weights_note
+from flan_squad.utils.process import in_multirun
 
 CARD = "README.md"
 SCORES = (("exact", "exact_match", "Exact match"), ("f1", "f1", "F1"), ("HasAns_f1", "f1", "F1 (answerable)"),
@@ -30,7 +31,7 @@ def command_line(hydra_cfg: Any = None) -> str | None:
             return None
         hydra_cfg = HydraConfig.get()
     name, overrides = hydra_cfg.job.name, list(hydra_cfg.overrides.task)
-    if str(hydra_cfg.get("mode")).endswith("MULTIRUN"):  # this one job, not its sweep again (hparams_search=...)
+    if in_multirun(hydra_cfg):  # this one job, not its sweep again (hparams_search=...)
         overrides.append("hydra.mode=RUN")
     return " ".join(["python -m", f"flan_squad.{name}", *overrides]) if name else None
 

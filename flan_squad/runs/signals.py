@@ -5,18 +5,16 @@ then stop at the next step boundary with `SIGTERMException`, and under SLURM its
 on the requeue signal (SIGUSR1: `#SBATCH --signal=USR1@90`). What Lightning leaves to the run:
 - `Interruption` writes the rolling `checkpoints/last.ckpt` (the `last_checkpoint` callback's) at that step;
 - `interruptible()` lets Ctrl-C take the same path (Lightning's own SIGINT handling is a KeyboardInterrupt wherever
-  it lands, even mid optimizer step, and exit 1), and turns the stop into `RunInterrupted`: `status.json`
-  "interrupted" with the step, then exit 128 + signal (143 SIGTERM, 130 SIGINT), never 0 (`SIGTERMException` is a
-  `SystemExit` without a code, so a plain Lightning run preempted this way exits 0);
-- `requeued()`: a SLURM job started again after a requeue continues from its `last.ckpt` instead of refusing the
-  run dir it left.
+  it lands, even mid optimizer step, and exit 1), and turns the stop into `RunInterrupted`, which the run's
+  lifecycle records (`status.json` "interrupted" with the step) and the entry point exits with: 128 + signal (143
+  SIGTERM, 130 SIGINT), never 0 (`SIGTERMException` is a `SystemExit` without a code, so a plain Lightning run
+  preempted this way exits 0). A SLURM job requeued after it continues from its `last.ckpt` (`resume.requeued`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -26,9 +24,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from flan_squad.runs.resume import LAST_CHECKPOINT
 from flan_squad.utils.errors import RunInterrupted
-from flan_squad.runs.rundir import LAST_CHECKPOINT
-from flan_squad.runs.status import write_status
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +57,23 @@ class Interruption(L.Callback):
         if trainer.world_size > 1:
             return
         for callback in trainer.checkpoint_callbacks:
-            # ModelCheckpoint's own save of last.ckpt, as on_train_end does it (no public call for it).
-            if isinstance(callback, ModelCheckpoint) and callback.save_last and \
-                    callback._last_global_step_saved != trainer.global_step:
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                save_last_checkpoint(callback, trainer)
+
+
+def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
+    """`callback`'s last.ckpt for this step, unless it holds it already: ModelCheckpoint's own save, as its
+    `on_train_end` does it. Lightning has no public call for it; this is the one place that uses its private
+    `_last_global_step_saved`, `_monitor_candidates` and `_save_last_checkpoint` (tests/test_run_lifecycle.py
+    fails if Lightning changes them)."""
+    if callback._last_global_step_saved != trainer.global_step:
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 @contextlib.contextmanager
 def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
     """Around `trainer.fit` / `trainer.validate`: a SIGTERM or first Ctrl-C stops at a step boundary with
-    `RunInterrupted` (after `status.json` says so); a second Ctrl-C stops at once."""
+    `RunInterrupted`; a second Ctrl-C stops at once."""
     received: list[int] = []
 
     def on_sigint(signum, frame) -> None:
@@ -87,16 +91,7 @@ def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
     except SIGTERMException:
         signum = received[0] if received else signal.SIGTERM
         checkpoint = output_dir / LAST_CHECKPOINT
-        interrupted = RunInterrupted(signum, trainer.global_step, str(checkpoint) if checkpoint.is_file() else None)
-        if trainer.is_global_zero:
-            write_status(output_dir, "interrupted", **interrupted.record())
-        raise interrupted from None
+        raise RunInterrupted(signum, trainer.global_step, str(checkpoint) if checkpoint.is_file() else None) from None
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
-
-
-def requeued(output_dir: Path) -> bool:
-    """A SLURM job that was requeued (preempted, or Lightning's auto-requeue) and left an unfinished run here."""
-    return (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and (output_dir / LAST_CHECKPOINT).is_file()
-            and not (output_dir / "metrics.json").exists())

@@ -1,15 +1,14 @@
 """Experiment tracking in MLflow (`logger=mlflow`, `logger=tensorboard_mlflow`): every run, evaluation and sweep.
 
-- `MLflowLogger` (conf/logger/mlflow.yaml): Lightning's `MLFlowLogger` tied to the run dir. Its run gets the
-  composed config as params and the tags a user filters by; Lightning logs the curves into it (train/loss,
-  val/exact, val/f1, lr) per step. Its id is kept in `<run dir>/mlflow_run.json`: `resume=true` continues the
-  same MLflow run.
+- `MLflowRun`: a run's own MLflow run, which the run's lifecycle (`runs.lifecycle.Run`) opens when the run
+  starts, with the composed config as params and the tags a user filters by, and ends with what the run dir
+  holds (the final `metrics.json` values, tags, artefacts) as FINISHED, FAILED with its error, or KILLED
+  (interrupted). Its id is kept in `<run dir>/mlflow_run.json`: `resume=true` continues the same MLflow run.
+- `MLflowLogger` (conf/logger/mlflow.yaml): Lightning's `MLFlowLogger`, logging the curves (train/loss,
+  val/exact, val/f1, lr) per step into that run.
 - `MLflowTracking` (a Hydra callback, conf/hydra/default.yaml): checks the tracking store before a run or
-  sweep starts (a server that does not answer ends it with one line, exit 2); opens a parent run for a
-  multirun, so its jobs show as one sweep; and at the end of every job logs what the run dir holds (the final
-  `metrics.json` values, tags, artefacts) and ends the MLflow run as FINISHED, FAILED with its error, or
-  KILLED (`status.json` says interrupted). A job that failed before training started, and any
-  `flan_squad.evaluate`, get their run here.
+  sweep starts (a server that does not answer ends it with one line, exit 2), and opens a parent run for a
+  multirun, so that its jobs show as one sweep.
 
 The store: `logger.mlflow.tracking_uri=http://host:5000` (or MLFLOW_TRACKING_URI) for a server; by default a
 local one that needs no server, `outputs/mlflow/` (a SQLite file and the artefacts):
@@ -21,22 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.utils.errors import ConfigError, print_error
-from flan_squad.utils.files import write_json_atomic
 from flan_squad.runs.model_card import command_line
-from flan_squad.utils.files import read_json
 from flan_squad.runs.results import weights_note
-from flan_squad.runs.rundir import is_rank_zero
+from flan_squad.utils.errors import ConfigError, first_line, print_error
+from flan_squad.utils.files import read_json, write_json_atomic
+from flan_squad.utils.process import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -115,41 +111,82 @@ def store_of(config: DictConfig) -> Store | None:
     return None
 
 
+class MLflowRun:
+    """A run's MLflow run in `store`: `open` when the run starts (or continues), `end` when it has ended.
+    Rank 0 only; see the module's docstring."""
+
+    def __init__(self, store: Store, output_dir: Path):
+        self.store, self.output_dir = store, Path(output_dir)
+        self.run_id: str | None = None
+        self.parent: str | None = None  # a sweep's run, when this is one of its jobs
+
+    def open(self, resume: bool) -> str:
+        """Create the MLflow run, or continue the one `mlflow_run.json` names (resume=true); log the config in the
+        run dir (config.yaml) as params, and record the run's id in `mlflow_run.json`. Returns the id."""
+        self.store.check()
+        client = self.store.client()
+        run_id = _run_of(self.output_dir, self.store) if resume else None
+        continued = run_id is not None
+        if not continued:
+            run_id = client.create_run(self.store.experiment_id(client), run_name=_run_name(self.output_dir),
+                                       tags=_tags_at_start()).info.run_id
+        self.run_id, self.parent = run_id, client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        _start(client, run_id, self.output_dir, resumed=continued)
+        return run_id
+
+    def end(self, record: dict[str, Any]) -> None:
+        """Log the run dir's results (for a completed run) and end the MLflow run with `record`'s status (as
+        `status.json` says it); a sweep's run ends too when one of its jobs did not finish. An MLflow failure is
+        logged, not raised: tracking must not turn a finished run into a failed one (its files are there)."""
+        try:
+            self._end(record)
+        except Exception as e:
+            log.error("could not log %s to MLflow at %s: %s", self.output_dir, self.store.uri, first_line(e))
+
+    def _end(self, record: dict[str, Any]) -> None:
+        client, run_id, output_dir = self.store.client(), self.run_id, self.output_dir
+        metrics = read_json(output_dir / "metrics.json") if record["status"] == "completed" else None
+        if metrics:
+            values = {k: float(v) for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            _log_metrics(client, run_id, values, step=int(metrics.get("optimizer_steps") or 0))
+            client.log_batch(run_id, tags=_tags(metrics))
+            note = weights_note(metrics)
+            if note:  # the run page's description: the first thing anyone reading its numbers sees
+                client.set_tag(run_id, "mlflow.note.content", f"Note: {note}.")
+            for name in ("metrics.json", "predictions.json", "na_probs.json", "config.yaml"):
+                if (output_dir / name).is_file():
+                    client.log_artifact(run_id, str(output_dir / name))
+            model_dir = output_dir / "model"
+            if self.store.log_model and model_dir.is_dir():
+                client.log_artifacts(run_id, str(model_dir), "model")
+            elif (model_dir / "README.md").is_file():  # the model card: where the model is and what it is
+                client.log_artifact(run_id, str(model_dir / "README.md"), "model_card")
+        status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(record["status"], "FAILED")
+        _end(client, run_id, status, record.get("error"), record.get("traceback"))
+        if status != "FINISHED" and self.parent:
+            # The sweep ends non-zero (its launcher re-raises a failed job after the others ran; an interruption
+            # ends it at once): so does its run.
+            _end(client, self.parent, status, f"job {output_dir.name} {record['status']}: {record.get('error')}")
+
+
 class MLflowLogger(MLFlowLogger):
-    """Lightning's `MLFlowLogger` for one run dir (`output_dir`): see the module's docstring."""
+    """Lightning's `MLFlowLogger` for one run dir (`output_dir`): the curves go into the MLflow run that the run's
+    lifecycle opened (`mlflow_run.json`), which it also ends, with the run's results."""
 
     def __init__(self, output_dir: str, store_dir: str, tracking_uri: str | None = None,
-                 experiment_name: str = "flan-squad", log_model: bool = False, resume: bool = False):
+                 experiment_name: str = "flan-squad", log_model: bool = False):
         self.store = Store(tracking_uri, store_dir, experiment_name, log_model)
-        if is_rank_zero():
-            self.store.check()
         self.output_dir = Path(output_dir)
-        run_id = _run_of(self.output_dir, self.store) if resume else None
+        record = read_json(self.output_dir / RUN_FILE)
+        run_id = record["run_id"] if record and record.get("tracking_uri") == self.store.uri else None
         # log_model here is Lightning's (checkpoints): the model/ dir is logged at the end instead, if asked.
         super().__init__(experiment_name=experiment_name, run_name=_run_name(self.output_dir),
                          tracking_uri=self.store.uri, artifact_location=self.store.artifact_location,
-                         run_id=run_id, tags=_tags_at_start(), log_model=False)
-
-    @property
-    @rank_zero_experiment
-    def experiment(self):
-        created = not self._initialized and self._run_id is None
-        resumed = not self._initialized and self._run_id is not None
-        client = super().experiment
-        if created or resumed:  # the first use of this run in this process
-            _start(client, self._run_id, self.output_dir, resumed)
-        return client
+                         run_id=run_id, log_model=False)
 
     def finalize(self, status: str = "success") -> None:
-        if not self._initialized or status in ("success", "finished"):
-            return  # a finished fit is not a finished run: `MLflowTracking.on_job_end` ends it, with its results
-        error = sys.exc_info()[1]  # Lightning calls this inside its `except` around fit/validate
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        _end(self.experiment, self.run_id, status, _error_line(error) if error else None,
-             _traceback(error) if error else None)
-        parent = (self.tags or {}).get("mlflow.parentRunId")
-        if parent and status == "KILLED":  # Lightning exits at once: no Hydra callback will see the sweep end
-            _end(self.experiment, parent, status, f"job {self.output_dir.name} interrupted")
+        pass  # a finished fit is not a finished run: `MLflowRun.end` ends it, with its results and status
 
 
 class MLflowTracking(Callback):
@@ -182,61 +219,12 @@ class MLflowTracking(Callback):
         if parent:
             _end(store_of(config).client(), parent, "FINISHED")
 
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        store = store_of(config)
-        if store is None or not is_rank_zero():
-            return
-        output_dir = Path(config.hydra.runtime.output_dir)
-        record = _job_record(output_dir, job_return)
-        try:
-            log_job(store, output_dir, record, config)
-        except Exception as e:  # tracking must not turn a finished run into a failed one: its files are there
-            log.error("could not log %s to MLflow at %s: %s", output_dir, store.uri, _error_line(e))
-
-
-def log_job(store: Store, output_dir: Path, record: dict[str, Any], config: DictConfig | None = None) -> str:
-    """Log a job's results from its run dir into its MLflow run (created now if training never made one),
-    and end the run with the job's status. Returns the run id."""
-    client = store.client()
-    run_id = _RUNS.pop(str(output_dir.resolve()), None)
-    if run_id is None:  # an evaluation, or a job that failed before training started
-        parent = _sweep_parent(config) if config is not None else None
-        run = client.create_run(store.experiment_id(client), run_name=_run_name(output_dir),
-                                tags={**_tags_at_start(), **({"mlflow.parentRunId": parent} if parent else {})})
-        run_id = run.info.run_id
-        _start(client, run_id, output_dir, resumed=False)
-    metrics = read_json(output_dir / "metrics.json") if record["status"] == "completed" else None
-    if metrics:
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        _log_metrics(client, run_id, values, step=int(metrics.get("optimizer_steps") or 0))
-        client.log_batch(run_id, tags=_tags(metrics))
-        note = weights_note(metrics)
-        if note:  # the run page's description: the first thing anyone reading its numbers sees
-            client.set_tag(run_id, "mlflow.note.content", f"Note: {note}.")
-        for name in ("metrics.json", "predictions.json", "na_probs.json", "config.yaml"):
-            if (output_dir / name).is_file():
-                client.log_artifact(run_id, str(output_dir / name))
-        model_dir = output_dir / "model"
-        if store.log_model and model_dir.is_dir():
-            client.log_artifacts(run_id, str(model_dir), "model")
-        elif (model_dir / "README.md").is_file():  # the model card: where the model is and what it is
-            client.log_artifact(run_id, str(model_dir / "README.md"), "model_card")
-    status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(record["status"], "FAILED")
-    _end(client, run_id, status, record.get("error"), record.get("traceback"))
-    if status != "FINISHED" and config is not None and (parent := _sweep_parent(config)):
-        # The sweep will end non-zero (Hydra re-raises a failed job after the others ran): so does its run.
-        _end(client, parent, status, f"job {output_dir.name} {record['status']}: {record.get('error')}")
-    return run_id
-
 
 # --- the run's life ---------------------------------------------------------------------------------------
-
-_RUNS: dict[str, str] = {}  # run dir -> its MLflow run in this process, for `MLflowTracking.on_job_end`
 
 
 def _start(client, run_id: str, output_dir: Path, resumed: bool) -> None:
     """A run begins (or continues): record it, and log the composed config as params."""
-    _RUNS[str(output_dir.resolve())] = run_id
     write_json_atomic(output_dir / RUN_FILE, {"tracking_uri": client.tracking_uri, "run_id": run_id})
     config = OmegaConf.load(output_dir / "config.yaml") if (output_dir / "config.yaml").is_file() else {}
     params = _params(OmegaConf.to_container(config, resolve=False) if config else {})
@@ -279,7 +267,7 @@ def _sweep_parent(config: DictConfig) -> str | None:
     """The parent run of a multirun's jobs (`on_multirun_start` made it), or None for a single run. `config`:
     what Hydra hands its callbacks, the `hydra` node included."""
     hydra_cfg, store = OmegaConf.select(config, "hydra"), store_of(config)
-    if hydra_cfg is None or store is None or not str(hydra_cfg.mode).endswith("MULTIRUN"):
+    if hydra_cfg is None or store is None or not in_multirun(hydra_cfg):
         return None
     record = read_json(Path(hydra_cfg.sweep.dir) / SWEEP_FILE)
     return record["run_id"] if record and record.get("tracking_uri") == store.uri else None
@@ -299,10 +287,7 @@ def _check_or_exit(config: DictConfig) -> Store | None:
 # --- what a run records -----------------------------------------------------------------------------------
 
 def _run_name(output_dir: Path) -> str:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         return f"{output_dir.parent.name}/{output_dir.name}"  # <sweep>/<job number>
     return output_dir.name
 
@@ -310,7 +295,6 @@ def _run_name(output_dir: Path) -> str:
 def _tags_at_start() -> dict[str, str]:
     """What Hydra knows of the run before it starts: the option of each config group, the sweep and job."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     if not HydraConfig.initialized():
         return {}
@@ -318,7 +302,7 @@ def _tags_at_start() -> dict[str, str]:
     choices = hydra_cfg.runtime.choices
     tags = {"kind": hydra_cfg.job.name, "strategy": choices.get("strategy"), "experiment": choices.get("experiment"),
             "command": command_line()}
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    if in_multirun(hydra_cfg):
         tags.update({"sweep_dir": hydra_cfg.sweep.dir, "job_num": hydra_cfg.job.num})
         parent = read_json(Path(hydra_cfg.sweep.dir) / SWEEP_FILE)
         if parent:
@@ -361,27 +345,3 @@ def _log_metrics(client, run_id: str, values: dict[str, float], step: int) -> No
     metrics = [Metric(k, v, now, step) for k, v in values.items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
-
-
-def _job_record(output_dir: Path, job_return: Any) -> dict[str, Any]:
-    """How the job ended: `status.json` as `runs.status.JobStatus` wrote it just before (Hydra ends callbacks in
-    reverse order), else what Hydra's JobReturn says."""
-    from hydra.core.utils import JobStatus
-
-    record = read_json(output_dir / "status.json")
-    if record and record.get("status"):
-        return record
-    if job_return.status == JobStatus.FAILED:
-        error = job_return._return_value
-        return {"status": "failed", "error": _error_line(error), "traceback": _traceback(error)}
-    return {"status": "completed"}
-
-
-def _error_line(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}".splitlines()[0][:500]
-
-
-def _traceback(error: BaseException) -> str:
-    return "".join(traceback.format_exception(error))[-20000:]

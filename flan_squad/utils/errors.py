@@ -7,6 +7,10 @@ import signal
 import sys
 from typing import Iterator
 
+from flan_squad.utils.process import in_multirun
+
+ERROR_LINE_CHARS = 500  # an error as status.json and MLflow record it: one line, cut here
+
 
 class FlanSquadError(Exception):
     """Base class: bad input, a bad option, or a run that cannot go on; the message says which and what to do."""
@@ -45,13 +49,14 @@ class RunInterrupted(FlanSquadError):
 def exit_on_error() -> Iterator[None]:
     """Around a Hydra entry point's work: a `FlanSquadError` ends the run with `error: <message>` on stderr
     (once, stdout untouched) and exit status 2 (`RunInterrupted`: 143 / 130). Also one raised inside
-    `hydra.utils.instantiate`, which wraps it. In a multirun it is raised as it is: the sweep records the job as
-    failed (`runs.status.JobStatus` logs it) and goes on."""
+    `hydra.utils.instantiate`, which wraps it. In a multirun a failure is raised as it is: Hydra's launcher counts
+    the job as failed, runs the others and ends non-zero. An interruption ends the whole sweep with its status:
+    the signal was meant for it too (and a SLURM job must not end as a success)."""
     try:
         yield
     except Exception as e:
         error = user_error(e)
-        if error is None or _in_multirun():
+        if error is None or (in_multirun() and not isinstance(error, RunInterrupted)):
             raise
         print_error(error)
         sys.exit(error.exit_code)
@@ -62,16 +67,28 @@ def print_error(error: BaseException | str) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
 
 
+def cause_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from (`raise ... from cause`), and so on: e.g. hydra's
+    InstantiationException, then the ConfigError inside it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__
+
+
 def user_error(e: BaseException) -> FlanSquadError | None:
     """The `FlanSquadError` that `e` is or wraps (`hydra.utils.instantiate` wraps errors), if any."""
-    error: BaseException | None = e
-    while error is not None and not isinstance(error, FlanSquadError):
-        error = error.__cause__
-    return error
+    return next((error for error in cause_chain(e) if isinstance(error, FlanSquadError)), None)
 
 
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+def error_line(error: BaseException) -> str:
+    """`<type>: <first line>` of what the user was told (the `FlanSquadError` inside), else of the root cause."""
+    told = user_error(error) or list(cause_chain(error))[-1]
+    name = type(told).__name__
+    return (f"{name}: {first_line(told)}" if str(told).strip() else name)[:ERROR_LINE_CHARS]

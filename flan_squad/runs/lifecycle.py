@@ -1,0 +1,225 @@
+"""A run's life in its dir, in order: one object that each entry point writing a run dir (train, evaluate) owns.
+
+    with Run(cfg) as run:       # 1. hold the dir: one writer at a time (runs/lock.py)
+        checkpoint = run.start(resume, ckpt_path, overwrite)
+                                # 2. check the dir against what was asked (runs/resume.py, runs/previous.py); set
+                                #    the previous run's files aside; write config.yaml and .hydra/; open (or
+                                #    continue) the run's MLflow run (runs/tracking.py)
+        ...                     #    train or evaluate (signals: runs/signals.py raises RunInterrupted)
+        run.complete(metrics, predictions, na_probs, summary)
+                                # 3. results (metrics.json last), status.json "completed", the previous run's files
+                                #    deleted, the MLflow run FINISHED with the results
+                                # 4. anything raised inside `with`: a refusal (before `start` has passed its checks)
+                                #    records nothing; an interruption records status.json "interrupted" and keeps
+                                #    the previous run's files aside (the run can be resumed); a failure puts them
+                                #    back, or else records status.json "failed"; the MLflow run ends KILLED/FAILED
+
+Only rank 0 holds the dir and writes into it; the other ranks (Lightning's DDP processes, the tasks of a SLURM
+job) run the same code and get the same checkpoint from `start`. A job of a sweep goes through the same steps:
+its status.json also says its overrides and job number, and its MLflow run is a child of the sweep's.
+
+`RunDirCheck` (a Hydra callback, conf/hydra/default.yaml) refuses a run dir before Hydra creates it: a path under
+a regular file, or a dir that a live process holds. See docs/run_lifecycle.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from flan_squad.runs import status
+from flan_squad.runs.lock import check_directory, hold
+from flan_squad.runs.previous import RUN_FILES, SetAside, refuse_results
+from flan_squad.runs.results import write_results
+from flan_squad.runs.resume import checkpoint_to_resume
+from flan_squad.runs.tracking import MLflowRun, store_of
+from flan_squad.utils.errors import RunDirError, first_line, print_error
+from flan_squad.utils.process import in_multirun, is_rank_zero
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """The life of the run that writes `cfg.paths.output_dir`; see the module's docstring.
+
+    Args:
+        cfg: the run's composed config (its `paths.output_dir`; its `logger` group says whether MLflow tracks it).
+        files: what this kind of run writes into its dir: the previous run's are set aside together.
+    """
+
+    def __init__(self, cfg: DictConfig, files: tuple[str, ...] = RUN_FILES):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.paths.output_dir).absolute()
+        self.is_rank_zero = is_rank_zero()
+        self.previous = SetAside(self.output_dir, files)
+        store = store_of(cfg) if self.is_rank_zero else None
+        self.mlflow = MLflowRun(store, self.output_dir) if store else None
+        self.started = False  # the dir is this run's: its checks passed
+        self.completed = False
+        self._held = contextlib.ExitStack()
+
+    # --- 1. hold ------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        _free_memory()  # the basic launcher runs a sweep's jobs one after another in this process
+        if self.is_rank_zero:
+            self._held.enter_context(hold(self.output_dir))
+        return self
+
+    # --- 2. start -----------------------------------------------------------------------------------------------
+
+    def start(self, resume: bool = False, ckpt_path: str | None = None, overwrite: bool = False) -> str | None:
+        """Make the dir this run's; return the checkpoint to resume from, if any.
+
+        Args:
+            resume: continue from this dir's `checkpoints/last.ckpt` (refused if the run already finished).
+            ckpt_path: continue from this (local) checkpoint.
+            overwrite: a new run may replace the results in the dir; they are kept until it has finished.
+
+        Raises:
+            RunDirError: the dir holds results (and not overwrite), or there is nothing to resume.
+        """
+        checkpoint = prepare_run_dir(self.output_dir, resume, ckpt_path, overwrite, self.previous)
+        if not self.is_rank_zero:
+            return checkpoint  # rank 0 has set the dir up
+        self.started = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg, self.output_dir / "config.yaml", resolve=True)
+        _write_hydra_record(self.output_dir, self.cfg)
+        if self.mlflow:
+            self.mlflow.open(resume=bool(resume))
+        return checkpoint
+
+    # --- 3. complete --------------------------------------------------------------------------------------------
+
+    def complete(self, metrics: dict[str, Any], predictions: dict[str, str], na_probs: dict[str, float] | None,
+                 summary: str) -> None:
+        """The run has its results: write them (metrics.json last) and status.json "completed", delete the previous
+        run's files, print `summary`. The MLflow run ends, with them, when the `with` block is left."""
+        if self.is_rank_zero:
+            write_results(self.output_dir, predictions, na_probs, metrics, summary)
+            status.write_status(self.output_dir, self._record(status.completed()))
+            self.previous.discard()
+        self.completed = True
+
+    # --- 4. end ---------------------------------------------------------------------------------------------------
+
+    def __exit__(self, kind, error: BaseException | None, tb) -> bool:
+        try:
+            if self.is_rank_zero:
+                if error is None and not self.completed and self.started:
+                    error = RuntimeError(f"{self.output_dir}: the run ended without its results (Run.complete)")
+                    self._ended(error)
+                    raise error
+                self._ended(error)
+        finally:
+            self._held.close()
+        return False  # what was raised goes on: the entry point turns it into one line and an exit status
+
+    def _ended(self, error: BaseException | None) -> None:
+        if error is None:
+            record = self._record(status.completed())
+        elif not self.started and not self.previous.moved:
+            return  # refused: the dir is still the previous run's (or nobody's); nothing of this run was written
+        else:
+            record = self._record(status.ended_by(error))
+            self._record_failure(record)
+        if self.mlflow and self.mlflow.run_id:
+            self.mlflow.end(record)
+
+    def _record_failure(self, record: dict[str, Any]) -> None:
+        # What is recorded must not hide why the run ended (e.g. a full disk fails these writes too): logged only.
+        try:
+            if record["status"] == "interrupted":  # resumable: the previous run's files wait where they are
+                if self.previous.moved:
+                    log.warning("the previous run's files are kept in %s", self.previous.aside)
+                status.write_status(self.output_dir, record)
+            elif self.previous.moved:
+                self.previous.put_back()
+                log.warning("this run failed: the previous run's files are back in %s", self.output_dir)
+            else:
+                status.write_status(self.output_dir, record)
+        except OSError as e:
+            log.error("could not record how the run in %s ended (%s): %s", self.output_dir, record["status"],
+                      first_line(e))
+
+    def _record(self, outcome: dict[str, Any]) -> dict[str, Any]:
+        """`outcome` with what Hydra says about the job: its overrides, and its number in a sweep."""
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        return {**outcome, "overrides": list(hydra_cfg.overrides.task) if hydra_cfg else [],
+                "job_num": hydra_cfg.job.num if hydra_cfg and in_multirun(hydra_cfg) else None}
+
+
+def prepare_run_dir(output_dir: Path, resume: bool, ckpt_path: str | None, overwrite: bool,
+                    previous: SetAside | None = None) -> str | None:
+    """Check the run dir against what was asked; return the checkpoint to resume from, if any.
+
+    - resume=true: continue from `checkpoints/last.ckpt` of this dir; ckpt_path=...: from that checkpoint.
+    - otherwise the dir must not hold results, unless overwrite=true: the previous run's files then go into
+      `previous` (kept until this run has finished, `Run`), or are deleted at once without it. On rank 0 only:
+      the other ranks check, and find the dir as rank 0 left it.
+    """
+    output_dir = Path(output_dir)
+    if resume or ckpt_path:
+        return checkpoint_to_resume(output_dir, ckpt_path, overwrite)
+    refuse_results(output_dir, overwrite)
+    if is_rank_zero():
+        aside = previous or SetAside(output_dir)
+        aside.set_aside()
+        if previous is None:
+            aside.discard()
+    return None
+
+
+def _write_hydra_record(output_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra would have written into `.hydra/` (conf/hydra/default.yaml turns that off), now that this run
+    holds the dir: its config, Hydra's, and the overrides that reports show. Only for a run that Hydra started."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    if OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir") != str(output_dir):
+        return  # a config composed outside a Hydra job (a test, a benchmark calling train() itself)
+    record = output_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(hydra_cfg, record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/hydra/default.yaml), before Hydra creates the run dir: a dir under a regular file, or
+    one that a live process holds, ends in one line (exit status 2), and the dir is left as it was."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir", probe=is_rank_zero())  # DDP children run in the dir rank 0 holds
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir", probe=False)  # each job holds its own dir
+
+    @staticmethod
+    def _check(config: DictConfig, key: str, probe: bool) -> None:
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the dir's name (Hydra sets it again)
+        try:
+            directory = check_directory(OmegaConf.select(config, key), key)
+            if probe:
+                with hold(directory):  # the run holds it again, for its whole life (`Run`)
+                    pass
+        except RunDirError as e:
+            print_error(e)
+            sys.exit(2)
