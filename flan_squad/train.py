@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
         with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
-            if trainer.is_global_zero:
+            if run.is_rank_zero:
                 write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
         metrics = {
             **module.scores,
@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "resumed_from": ckpt_path,
             "output_dir": str(output_dir),
         }
-        if trainer.is_global_zero:
+        if run.is_rank_zero:
             write_model_card(output_dir / "model", metrics, cfg, command_line())
         # metrics.json, predictions.json, na_probs.json (v2), status.json "completed"; the previous run's files go
         run.complete(metrics, module.predictions, module.na_probs, summary(metrics, output_dir))
