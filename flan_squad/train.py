@@ -2,7 +2,7 @@
 
 Instantiates what the config describes, fits, validates the best checkpoint, and writes the run's
 artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_probs.json` for v2),
-`config.yaml`, `model/` (with its model card, README.md), `checkpoints/` and `tensorboard/`.
+`config.yaml`, `model/` (with its model card, README.md), `checkpoints/`, `tensorboard/` and `status.json`.
 """
 
 from __future__ import annotations
