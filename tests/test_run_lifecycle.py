@@ -84,7 +84,8 @@ def test_a_failed_run_in_a_new_dir_records_its_error(tmp_path, rank):
         except ConfigError as e:
             raise RuntimeError("Error in call to target 'LoRA'") from e  # as hydra's instantiate wraps it
     status = _status(run_dir)
-    assert status["status"] == "failed" and status["error"] == "ConfigError: strategy.rank=0: must be a whole number > 0"
+    assert status["status"] == "failed"
+    assert status["error"] == "ConfigError: strategy.rank=0: must be a whole number > 0"
     assert "Error in call to target 'LoRA'" in status["traceback"] and status["job_num"] is None
 
 

@@ -64,6 +64,7 @@ class Run:
         self.mlflow = MLflowRun(store, self.output_dir) if store else None
         self.started = False  # the dir is this run's: its checks passed
         self.completed = False
+        self.record: dict[str, Any] = {}  # how the run ended: status.json's content, and what MLflow is told
         self._held = contextlib.ExitStack()
 
     # --- 1. hold ------------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ class Run:
         run's files, print `summary`. The MLflow run ends, with them, when the `with` block is left."""
         if self.is_rank_zero:
             write_results(self.output_dir, predictions, na_probs, metrics, summary)
-            status.write_status(self.output_dir, self._record(status.completed()))
+            self.record = self._record(status.completed())
+            status.write_status(self.output_dir, self.record)
             self.previous.discard()
         self.completed = True
 
@@ -125,15 +127,13 @@ class Run:
         return False  # what was raised goes on: the entry point turns it into one line and an exit status
 
     def _ended(self, error: BaseException | None) -> None:
-        if error is None:
-            record = self._record(status.completed())
-        elif not self.started and not self.previous.moved:
-            return  # refused: the dir is still the previous run's (or nobody's); nothing of this run was written
-        else:
-            record = self._record(status.ended_by(error))
-            self._record_failure(record)
+        if error is not None:
+            if not self.started and not self.previous.moved:
+                return  # refused: the dir is still the previous run's (or nobody's); nothing of this run was written
+            self.record = self._record(status.ended_by(error))
+            self._record_failure(self.record)
         if self.mlflow and self.mlflow.run_id:
-            self.mlflow.end(record)
+            self.mlflow.end(self.record)
 
     def _record_failure(self, record: dict[str, Any]) -> None:
         # What is recorded must not hide why the run ended (e.g. a full disk fails these writes too): logged only.
