@@ -22,6 +22,7 @@ from flan_squad.evaluation.inference import generate_windows, run_encoder
 from flan_squad.evaluation.squad_metric import SquadAnswers
 
 log = logging.getLogger(__name__)
+_FSDP_PREFIX = "_fsdp_wrapped_module."  # torch.distributed.fsdp's FSDP_WRAPPED_MODULE, with its separator
 
 
 class SquadQAModule(L.LightningModule):
@@ -148,8 +149,9 @@ class SquadQAModule(L.LightningModule):
         parameters = dict(self.named_parameters())
         if all(p.requires_grad for p in parameters.values()):
             return  # full fine-tuning: the whole state is needed
-        # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized.
-        trainable = {name for name, p in parameters.items() if p.requires_grad}
+        # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized. Under FSDP the
+        # names carry its wrappers' prefix, the checkpoint's keys (a full state dict) do not.
+        trainable = {name.replace(_FSDP_PREFIX, "") for name, p in parameters.items() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
