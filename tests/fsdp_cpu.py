@@ -69,14 +69,15 @@ def cpu_t5_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", timeout_s: float
 
 class ShardProbe(L.Callback):
     """At each validation's start: makes rank 1's answers end at their first token (every token id is its end of
-    sequence, as for a rank whose questions are answered early, while rank 0's go on), and writes, from rank 0, how
-    many FSDP flat parameters are alive (after a garbage collection) into <run dir>/shard_probe.json, by trainer
-    function: those of the fit's model too, at `validate`'s start, are shards kept on the device."""
+    sequence, as for a rank whose questions are answered early, while rank 0's go on), and writes, from rank 0, what
+    is alive (after a garbage collection) into <run dir>/shard_probe.json, by trainer function: optimizers, and FSDP
+    flat parameters (those of the fit's model too, at `validate`'s start, are shards kept on the device)."""
 
     def __init__(self):
-        self.alive: dict[str, int] = {}
+        self.alive: dict[str, dict[str, int]] = {}
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        import torch
         from torch.distributed.fsdp._flat_param import FlatParameter
 
         if trainer.global_rank == 1:
@@ -84,6 +85,8 @@ class ShardProbe(L.Callback):
                 if getattr(module, "generation_config", None) is not None:  # the model that generates
                     module.generation_config.eos_token_id = list(range(module.config.vocab_size))
         gc.collect()
-        self.alive[trainer.state.fn] = sum(isinstance(o, FlatParameter) for o in gc.get_objects())
+        objects = gc.get_objects()
+        self.alive[trainer.state.fn] = {"optimizers": sum(isinstance(o, torch.optim.Optimizer) for o in objects),
+                                        "flat_parameters": sum(isinstance(o, FlatParameter) for o in objects)}
         if trainer.is_global_zero:
             (Path(trainer.default_root_dir) / "shard_probe.json").write_text(json.dumps(self.alive))
