@@ -149,7 +149,8 @@ def _fsdp_rows(out: Path) -> list[tuple[str, str]]:
                 f"FAILED: metrics.json counts {m['total_params']:,} parameters, model/ holds {saved:,}"
         else:
             best = torch.load(run_dir / m["best_checkpoint"], weights_only=True)["state_dict"]
-            adapters, exported = [k for k in best if ".lora_" in k], load_file(run_dir / "model" / "adapter_model.safetensors")
+            adapters = [k for k in best if ".lora_" in k]
+            exported = load_file(run_dir / "model" / "adapter_model.safetensors")
             check = f"best checkpoint and model/ hold {len(adapters)} adapter tensors" \
                 if adapters and len(adapters) == len(exported) else \
                 f"FAILED: best checkpoint holds {len(adapters)} adapter tensors, model/ {len(exported)}"
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the steps' runs go (checkpoints and weights: large)")
     parser.add_argument("--report", default=None, help="where the table, its JSON and the logs go (default: --out)")
     parser.add_argument("--bundle", default=None, help="a GPU bundle (make gpu-bundle): its wheels and data")
-    parser.add_argument("--only", default="", help=f"comma-separated steps to run, of: strategies,fsdp,ddp,compare,bench")
+    parser.add_argument("--only", default="", help="comma-separated steps to run: strategies,fsdp,ddp,compare,bench")
     parser.add_argument("--budget", type=float, default=None, help="start no step after this many seconds")
     parser.add_argument("--timeout-factor", type=float, default=1.0,
                         help="multiplies the steps' time limits, set for one GPU (a CPU rehearsal needs far more)")

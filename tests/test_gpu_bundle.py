@@ -45,7 +45,8 @@ def test_bitsandbytes_keeps_the_image_libraries_and_the_check_installs_only_what
                                                                                                    monkeypatch):
     bundle, check = _script("gpu_bundle"), _script("gpu_check")
     installed = check._version
-    monkeypatch.setattr(check, "_version", lambda name: None if name == "bitsandbytes" else installed(name))  # as the image
+    # a Python without bitsandbytes, as the image
+    monkeypatch.setattr(check, "_version", lambda name: None if name == "bitsandbytes" else installed(name))
     wheels = tmp_path / "bundle" / "wheels"
     libraries = {f"bitsandbytes/libbitsandbytes_{kind}.so": kind.encode() * 1000 for kind in
                  ("cpu", "cuda118", "cuda128", "cuda130")}

@@ -209,7 +209,8 @@ def test_checkpoint_writing_is_not_timed_as_training(tmp_path, cache_dir, monkey
     cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=4",
                           "dataset.batch_size=4", "trainer.max_epochs=1", "eval.max_new_tokens=2", "logger=none",
                           "callbacks.last_checkpoint.every_n_train_steps=1",
-                          "+callbacks.slow._target_=test_gpu_path.SlowCheckpoint"], output_dir=tmp_path, cache=cache_dir)
+                          "+callbacks.slow._target_=test_gpu_path.SlowCheckpoint"],
+                         output_dir=tmp_path, cache=cache_dir)
     metrics = train(cfg)
     assert metrics["optimizer_steps"] == 4 and len(list((tmp_path / "checkpoints").glob("*.ckpt"))) == 2
     assert metrics["checkpoint_time_s"] >= 5 * SAVE_SECONDS
@@ -217,7 +218,7 @@ def test_checkpoint_writing_is_not_timed_as_training(tmp_path, cache_dir, monkey
 
 
 def test_callbacks_none_writes_no_checkpoint(tmp_path, cache_dir):
-    # Lightning adds a ModelCheckpoint of its own unless told not to: callbacks=none wrote checkpoints/ and reloaded one.
+    # Lightning adds a ModelCheckpoint of its own unless told not to: callbacks=none wrote checkpoints/, reloaded one.
     metrics = train(compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=4", "dataset.limit_val=2",
                                     "dataset.batch_size=4", "trainer.max_epochs=1", "eval.max_new_tokens=2",
                                     "logger=none", "callbacks=none"], output_dir=tmp_path, cache=cache_dir))

@@ -50,7 +50,8 @@ def _fsdp_run(run_dir, cache_dir, *overrides: str) -> dict:
     that waits 5 minutes (torch's default: 30) fails the run."""
     result = subprocess.run(
         [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu",
-         "trainer.devices=2", "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy", "+trainer.strategy.timeout_s=300",
+         "trainer.devices=2", "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy",
+         "+trainer.strategy.timeout_s=300",
          "+callbacks.probe._target_=fsdp_cpu.ShardProbe", "dataset.limit_train=16", "dataset.limit_val=8",
          "trainer.max_epochs=1", "eval.max_new_tokens=4", *overrides, f"paths.cache_dir={cache_dir}",
          f"hydra.run.dir={run_dir}"],

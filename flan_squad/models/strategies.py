@@ -138,7 +138,8 @@ class Adapters:
     def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
         # From the parameters, by their unwrapped names: under FSDP (inside its gather of the full weights) the
         # model's state_dict goes through FSDP's hooks, and the adapter came out empty.
-        model.save_pretrained(directory, state_dict={unwrapped_name(n): p.detach() for n, p in model.named_parameters()})
+        parameters = {unwrapped_name(name): p.detach() for name, p in model.named_parameters()}
+        model.save_pretrained(directory, state_dict=parameters)
         tokenizer.save_pretrained(directory)
 
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:

@@ -113,7 +113,7 @@ class CostMonitor(L.Callback):
         seconds = max(self.train_time_s, 1e-9)
         return {
             "train_time_s": round(self.train_time_s, 3),
-            "checkpoint_time_s": round(self.checkpoint_time_s, 3),  # writing checkpoints during fit: not in train_time_s
+            "checkpoint_time_s": round(self.checkpoint_time_s, 3),  # writing checkpoints in fit: not in train_time_s
             "train_examples_per_s": round(self.examples / seconds, 3),
             "train_tokens_per_s": round(self.tokens / seconds, 1),
             "train_examples_seen": self.examples,
