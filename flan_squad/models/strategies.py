@@ -56,7 +56,7 @@ class Strategy(Protocol):
         `save_pretrained`: it loads without PEFT or this project."""
 
     # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not);
-    # `shardable = False`: its weights cannot be sharded by FSDP (refused with trainer=fsdp before anything is built).
+    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts).
 
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table

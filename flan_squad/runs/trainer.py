@@ -94,8 +94,8 @@ def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
 
 
 def refuse_unshardable(trainer: L.Trainer, strategy) -> None:
-    """A strategy whose weights FSDP cannot shard (4-bit: integer tensors) is refused under FSDP, before any model is
-    built. A strategy says so with `shardable = False`."""
+    """A strategy whose weights FSDP cannot shard (4-bit: integer tensors) is refused under FSDP, before training
+    starts (FSDP would fail at wrapping). A strategy says so with `shardable = False`."""
     if isinstance(trainer.strategy, FSDPStrategy) and not getattr(strategy, "shardable", True):
         raise ConfigError(f"strategy={strategy.name} with trainer=fsdp: FSDP cannot shard its 4-bit (integer) weights; "
                           f"use trainer=ddp (or trainer=gpu), or strategy=lora to shard")
@@ -104,12 +104,12 @@ def refuse_unshardable(trainer: L.Trainer, strategy) -> None:
 def rebuild_before_reload(trainer: L.Trainer, module: L.LightningModule) -> None:
     """Under FSDP, fit leaves the weights sharded in FSDP wrappers, and Lightning loads a checkpoint (validate's best)
     into the module before wrapping it: "size mismatch ... torch.Size([0])". Dropping the model makes
-    `configure_model` build it afresh, to be loaded and then wrapped again; the fit's wrappers (their shards) and the
-    optimizer's state go first, or they would stay on the device beside the new model through validation."""
+    `configure_model` build it afresh, to be loaded and then wrapped again. The fit's optimizer (its state: twice the
+    trainable parameters) and wrapper are let go first, or the state would stay on the device through validation."""
     if isinstance(trainer.strategy, FSDPStrategy):
         module.model = None
         trainer.strategy.model = module
-        trainer.strategy.optimizers = []  # validation steps no optimizer; its state holds the fit's shards
+        trainer.strategy.optimizers = []  # validation steps no optimizer
         trainer.strategy.lr_scheduler_configs = []
         gc.collect()  # FSDP's wrappers hold reference cycles
         if torch.cuda.is_available():
