@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from flan_squad.models.base import BaseModel, unwrapped_name
+from flan_squad.models.base import BaseModel
 from flan_squad.utils.precision import bf16_is_native, precision_dtype
 from flan_squad.utils.errors import ConfigError
 
@@ -136,11 +136,7 @@ class Adapters:
         return get_peft_model(self.load_base(base, device), self.peft_config())
 
     def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
-        # From the parameters, by their unwrapped names: under FSDP (inside its gather of the full weights) the
-        # model's state_dict goes through FSDP's hooks, and the adapter came out empty.
-        parameters = {unwrapped_name(name): p.detach() for name, p in model.named_parameters()}
-        model.save_pretrained(directory, state_dict=parameters)
-        tokenizer.save_pretrained(directory)
+        _save(model, tokenizer, directory)
 
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
         from peft import PeftModel
