@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking shared test test-slurm train bench parity gpu-check base-cpu compare-cpu clean
+.PHONY: install tracking shared test test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -49,11 +49,38 @@ train: shared install
 bench: shared install
 	$(PY) -m benchmarks.bench $(ARGS)
 
-# The GPU path in one go (scripts/gpu_check.py): every strategy, experiment=compare, DDP and FSDP on one GPU, QLoRA's
-# memory against full fine-tuning's, the benchmarks; a few steps each, random weights, no hub. One table; exit 1 on a
-# failure. Without CUDA its GPU-only steps are skipped and the rest runs on the CPU.
-gpu-check: shared install
-	$(PY) scripts/gpu_check.py $(ARGS)
+# The Python that runs the GPU check: this one ($(PYTHON)) when it has torch (a CUDA container, the lent GPU machine's
+# image: a venv would replace their CUDA build; the check names what else is missing), else the venv, built first.
+GPU_PY := $(shell $(PYTHON) -c "import importlib.util as u; print(u.find_spec('torch') is not None)" 2>/dev/null)
+GPU_PY := $(if $(filter True,$(GPU_PY)),$(PYTHON),$(PY))
+# BUNDLE=gpu-bundle: the bundle's wheels (those this Python lacks) and data, instead of ../shared (docs/gpu.md).
+BUNDLE ?=
+
+# The GPU path in one go (scripts/gpu_check.py): every strategy, FSDP and DDP on one GPU, experiment=compare with
+# QLoRA's memory against full fine-tuning's, the benchmarks; a few steps each, random weights, no hub. One table;
+# exit 1 on a failure. Without CUDA its GPU-only step (FSDP) is skipped and the rest runs on the CPU (t5-tiny).
+gpu-check: $(if $(BUNDLE),,shared) $(if $(filter $(PY),$(GPU_PY)),install)
+	$(GPU_PY) scripts/gpu_check.py $(if $(BUNDLE),--bundle $(BUNDLE)) $(ARGS)
+
+# What travels to a bare GPU machine beside the checkout (docs/gpu.md): the wheels its image lacks, a cut of the SQuAD
+# files and the tokenizer, into gpu-bundle/; prints the size of checkout + bundle (the limit: 64 MiB).
+gpu-bundle: shared install
+	$(PY) scripts/gpu_bundle.py
+
+# The GPU check's CPU steps on the GPU image's versions, before any GPU time is spent: a Python 3.12 venv with what the
+# image has (requirements-gpu-image.txt; pip's torch 2.11.0 is the CUDA build, ~4 GB), plus only the bundle, installed
+# by the check itself with --no-index. Not in `make test` (the venv alone is minutes of downloads).
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+REHEARSAL_VENV := .venv-gpu-image
+REHEARSAL_PIP_ARGS ?=
+$(REHEARSAL_VENV)/.installed: requirements-gpu-image.txt
+	$(PYTHON312) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/python -m pip install --quiet $(REHEARSAL_PIP_ARGS) -r requirements-gpu-image.txt
+	touch $@
+
+gpu-rehearsal: gpu-bundle $(REHEARSAL_VENV)/.installed
+	$(REHEARSAL_VENV)/bin/python scripts/gpu_check.py --bundle gpu-bundle --out outputs/gpu_rehearsal \
+		--timeout-factor 10 $(ARGS)
 
 # Learning parity (README "Learning parity"): flan_squad.train against Seq2SeqTrainer set up as run_seq2seq_qa.py,
 # on a SQuAD v2 task with decoy facts, same architecture (random init, trained here), budget and seeds; prints mean ± sd,

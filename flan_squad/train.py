@@ -28,7 +28,8 @@ from flan_squad.runs.cost import CostMonitor  # noqa: E402
 from flan_squad.runs.lifecycle import Run  # noqa: E402
 from flan_squad.runs.results import summary  # noqa: E402
 from flan_squad.runs.resume import requeued  # noqa: E402
-from flan_squad.runs.trainer import full_model_on_rank_zero, rebuild_before_reload, uses_batch_size_finder  # noqa: E402
+from flan_squad.runs.trainer import (  # noqa: E402
+    full_model_on_rank_zero, rebuild_before_reload, refuse_unshardable, uses_batch_size_finder)
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
 from flan_squad.runs.signals import Interruption, interruptible  # noqa: E402
 
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
         loggers = _instantiate_group(cfg.get("logger"))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        refuse_unshardable(trainer, strategy)
 
         with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, then RunInterrupted (exit 143 / 130)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -71,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
 
         with full_model_on_rank_zero(trainer):  # FSDP: every rank joins in gathering the weights
+            parameters = module.parameter_counts()  # (outside, under FSDP: one shard's)
             if run.is_rank_zero:
                 write_dir_atomic(output_dir / "model", lambda d: strategy.save(module.model, tokenizer, d))
         metrics = {
@@ -83,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "model_note": base.note,
             "dataset": datamodule.name,
             "squad_version": datamodule.version,
-            **module.parameter_counts(),
+            **parameters,
             **cost.as_dict(),
             "train_examples": len(datamodule.train_questions),
             "val_examples": len(datamodule.val_questions),

@@ -1,18 +1,26 @@
 """The GPU path's faults that a CPU can show: the DDP all-reduce's device, the bf16 probe, the schedule after the batch
-size finder, training's and validation's peak memory apart, experiment=compare from the hub."""
+size finder, training's and validation's peak memory apart, experiment=compare from the hub, FSDP on one device,
+FSDP with 4-bit weights, checkpoint writing timed apart, callbacks=none, QLoRA's compute dtype, the dependency ranges.
+(FSDP on two processes: tests/test_scale.py.)"""
 
 from __future__ import annotations
 
 import json
+import time
+import tomllib
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from conftest import compose_config
+from hydra.utils import instantiate
 
 from flan_squad.utils.precision import auto_precision
 from flan_squad.runs.cost import CostMonitor
+from flan_squad.runs.trainer import full_model_on_rank_zero
 from flan_squad.train import train
+from flan_squad.utils.config import PROJECT_ROOT
 
 
 class _Strategy:
@@ -27,8 +35,13 @@ class _Strategy:
 
 
 class _Trainer:
+    """What CostMonitor uses of a Lightning Trainer."""
+
     def __init__(self, root_device: torch.device):
         self.strategy, self.sanity_checking = _Strategy(root_device), False
+
+    def save_checkpoint(self, filepath, weights_only=False) -> None:  # timed by CostMonitor
+        pass
 
 
 def test_throughput_counts_are_all_reduced_on_the_root_device():
@@ -145,3 +158,113 @@ def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tm
     assert scored["total"] == ran["total"] == 8 and 0 <= scored["f1"] <= 100
     print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, "
           f"max logit gap {gap:.3g}")
+
+
+def test_fsdp_on_one_gpu_gathers_the_model_without_offloading(monkeypatch):
+    # torch makes any sharding NO_SHARD on one device, and refuses to offload an unsharded model to the CPU
+    # (NotImplementedError): FSDP on one GPU crashed after validation, before model/ and metrics.json. A one-process
+    # gloo group and a strategy that says it is on a GPU, which is all the choice of offloading reads.
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        root = FullyShardedDataParallel(torch.nn.Linear(4, 3), device_id=torch.device("cpu"))  # FULL_SHARD asked
+        assert root.sharding_strategy == ShardingStrategy.NO_SHARD
+        strategy = FSDPStrategy()
+        strategy.model = root
+        monkeypatch.setattr(FSDPStrategy, "root_device", property(lambda self: torch.device("cuda", 0)))
+        with full_model_on_rank_zero(SimpleNamespace(strategy=strategy)):
+            assert sum(p.numel() for p in root.parameters()) == 15
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_with_qlora_is_refused_before_anything_trains(tmp_path, cache_dir, run_entry_point):
+    # FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built.
+    result = run_entry_point("flan_squad.train", [
+        "experiment=smoke", "strategy=qlora", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy", "logger=none", f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "strategy=qlora with trainer=fsdp" in message and "trainer=ddp" in message
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
+
+
+SAVE_SECONDS = 1e4  # on the clock CostMonitor reads: far above anything a tiny run takes, on any machine's load
+
+
+class SlowCheckpoint(L.Callback):
+    """Writing a checkpoint takes SAVE_SECONDS (as a large model's takes long; its state is gathered inside
+    `trainer.save_checkpoint`), on a clock of CostMonitor's that runs as the real one plus these seconds."""
+
+    skipped = 0.0
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        SlowCheckpoint.skipped += SAVE_SECONDS
+
+
+def test_checkpoint_writing_is_not_timed_as_training(tmp_path, cache_dir, monkeypatch):
+    # A last.ckpt after each of the 4 steps, and the best one after validation. Timed as training, a full
+    # fine-tuning's checkpoints (the whole model) biased its examples/s.
+    monkeypatch.setattr("flan_squad.runs.cost.time", SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + SlowCheckpoint.skipped))
+    cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=4",
+                          "dataset.batch_size=4", "trainer.max_epochs=1", "eval.max_new_tokens=2", "logger=none",
+                          "callbacks.last_checkpoint.every_n_train_steps=1",
+                          "+callbacks.slow._target_=test_gpu_path.SlowCheckpoint"],
+                         output_dir=tmp_path, cache=cache_dir)
+    metrics = train(cfg)
+    assert metrics["optimizer_steps"] == 4 and len(list((tmp_path / "checkpoints").glob("*.ckpt"))) == 2
+    assert metrics["checkpoint_time_s"] >= 5 * SAVE_SECONDS
+    assert 0 < metrics["train_time_s"] < SAVE_SECONDS
+
+
+def test_callbacks_none_writes_no_checkpoint(tmp_path, cache_dir):
+    # Lightning adds a ModelCheckpoint of its own unless told not to: callbacks=none wrote checkpoints/, reloaded one.
+    metrics = train(compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=4", "dataset.limit_val=2",
+                                    "dataset.batch_size=4", "trainer.max_epochs=1", "eval.max_new_tokens=2",
+                                    "logger=none", "callbacks=none"], output_dir=tmp_path, cache=cache_dir))
+    assert metrics["optimizer_steps"] == 1 and metrics["best_checkpoint"] is None
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_qlora_computes_in_the_trainers_precision(precision, dtype, tmp_path, tiny_base):
+    # It followed the device: bf16 wherever bf16 is native, so trainer.precision=32-true on an H100 (or a CPU with
+    # AVX512-BF16) computed the 4-bit layers in bf16, and bf16-mixed elsewhere in fp32.
+    import bitsandbytes as bnb
+
+    cfg = compose_config(["strategy=qlora", "trainer=cpu", f"trainer.precision={precision}"], output_dir=tmp_path)
+    model = instantiate(cfg.strategy, _convert_="all").load_base(tiny_base, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {dtype}
+
+
+def _ranges() -> dict:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    return {Requirement(r).name.lower(): Requirement(r).specifier for r in project["dependencies"]}
+
+
+def test_accelerate_range_starts_where_transformers_needs_it():
+    # transformers loads with device_map (QLoRA's 4-bit weights) only from this accelerate on.
+    from packaging.version import Version
+    from transformers.utils.import_utils import ACCELERATE_MIN_VERSION
+
+    floors = [Version(s.version) for s in _ranges()["accelerate"] if s.operator == ">="]
+    assert floors and max(floors) >= Version(ACCELERATE_MIN_VERSION)
+
+
+@pytest.mark.parametrize("tested", ["constraints-cpu.txt", "requirements-gpu-image.txt"])
+def test_dependency_ranges_hold_the_tested_versions(tested):
+    # pyproject.toml's ranges say what was tested: the CPU set and the GPU image's (make gpu-rehearsal).
+    ranges = _ranges()
+    pins = [line.split("#")[0].strip().split("==") for line in (PROJECT_ROOT / tested).read_text().splitlines()]
+    pinned = {name.lower().replace("_", "-"): version for name, version in (p for p in pins if len(p) == 2)}
+    checked = {name: version for name, version in pinned.items() if name in ranges}
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(checked)
+    assert {name: version for name, version in checked.items() if not ranges[name].contains(version)} == {}

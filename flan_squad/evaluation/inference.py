@@ -69,7 +69,7 @@ def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, atten
         encoder_outputs = run_encoder(model, input_ids, attention_mask)
     out = model.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         output_logits=True, return_dict_in_generate=True)
+                         output_logits=True, return_dict_in_generate=True, synced_gpus=_sharded(model))
     tokens = out.sequences[:, 1:]  # drop the decoder start token
     step_logp = torch.stack([step.float().log_softmax(-1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
                              for i, step in enumerate(out.logits)], dim=1)
@@ -80,6 +80,17 @@ def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, atten
         labels = torch.tensor([target] * len(tokens), device=tokens.device)
         na_logprob = sequence_logprobs(model, encoder_outputs, attention_mask, labels)
     return tokens, logprob, na_logprob
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards the model over several processes: each forward pass then gathers weights from all of them,
+    so a process whose rows have all ended must go on stepping until every process is done (`synced_gpus`)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def _answer_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:

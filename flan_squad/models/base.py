@@ -152,6 +152,12 @@ class BaseModel:
         return directory
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the model has it outside FSDP, whose wrappers add `_fsdp_wrapped_module.` to the names
+    of the parameters they hold (a full state dict's keys, and checkpoints', do not have it)."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameters, counting a 4-bit weight by its logical (unpacked) size."""
     trainable = total = in_4bit = 0

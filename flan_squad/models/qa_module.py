@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from flan_squad.models.base import BaseModel, count_parameters
+from flan_squad.models.base import BaseModel, count_parameters, unwrapped_name
 from flan_squad.utils.errors import ConfigError, TrainingError
 from flan_squad.utils.rng import capture_rng_states, restore_rng_states
 from flan_squad.data.prompts import no_answer_target
@@ -148,8 +148,9 @@ class SquadQAModule(L.LightningModule):
         parameters = dict(self.named_parameters())
         if all(p.requires_grad for p in parameters.values()):
             return  # full fine-tuning: the whole state is needed
-        # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized.
-        trainable = {name for name, p in parameters.items() if p.requires_grad}
+        # A frozen base is reloadable from its id; saving it would make every checkpoint base-sized. Under FSDP the
+        # names carry its wrappers' prefix, the checkpoint's keys (a full state dict) do not.
+        trainable = {unwrapped_name(name) for name, p in parameters.items() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

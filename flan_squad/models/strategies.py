@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from flan_squad.models.base import BaseModel
-from flan_squad.utils.precision import bf16_is_native
+from flan_squad.utils.precision import bf16_is_native, precision_dtype
 from flan_squad.utils.errors import ConfigError, error_line
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class Strategy(Protocol):
         """What `save` wrote as one plain transformers model on CPU in full precision (adapters merged), for
         `save_pretrained`: it loads without PEFT or this project."""
 
-    # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not).
+    # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not);
+    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts).
 
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
@@ -73,7 +74,10 @@ def _check_lr(lr: float) -> float:
 def _full_precision(base: BaseModel, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
     model = base.load().to(device)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+        else:  # transformers before 5.23 (the GPU image's 5.17) has the older name only (deprecated since)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NON_REENTRANT)
         model.config.use_cache = False  # the cache is useless while training and warns under checkpointing
     return model
 
@@ -187,6 +191,7 @@ class QLoRA(LoRA):
     """
 
     name = "qlora"
+    shardable = False  # FSDP flattens floating-point tensors only: not 4-bit (uint8) weights
     export_note = ("QLoRA: the adapters trained on 4-bit NF4 weights are merged into the full-precision base, so this "
                    "model computes W + BA where the run computed dequant(NF4(W)) + BA: it is not the model the run "
                    "scored; its answers and scores can differ (evaluate it: python -m flan_squad.evaluate "
@@ -198,12 +203,16 @@ class QLoRA(LoRA):
         super().__init__(lr, rank, alpha, dropout, target_modules, gradient_checkpointing)
         if quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"strategy.quant_type={quant_type!r}: expected 'nf4' or 'fp4'")
+        dtype_name = isinstance(getattr(torch, str(compute_dtype), None), torch.dtype)
+        if compute_dtype != "auto" and precision_dtype(compute_dtype) is None and not dtype_name:
+            raise ConfigError(f"strategy.compute_dtype={compute_dtype!r}: expected auto, a torch dtype (bfloat16, "
+                              f"float32) or a trainer precision (bf16-mixed, 32-true)")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.compute_dtype == "auto":  # bf16 where it is native; elsewhere (most CPUs) it is 8-25x slower
             return torch.bfloat16 if bf16_is_native(device.type) else torch.float32
-        return getattr(torch, self.compute_dtype)
+        return precision_dtype(self.compute_dtype) or getattr(torch, self.compute_dtype)
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
         try:

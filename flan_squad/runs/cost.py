@@ -57,11 +57,12 @@ def _release_free_heap() -> None:
 
 
 class CostMonitor(L.Callback):
-    """Times the training loop (validation excluded), counts what it processed, and reads peak memory: training's
-    and validation's apart (validation generates with another batch size, and would hide what training needs)."""
+    """Times the training loop (validation and checkpoint writing excluded), counts what it processed, and reads peak
+    memory: training's and validation's apart (validation generates with another batch size, and would hide what
+    training needs)."""
 
     def __init__(self):
-        self.train_time_s = 0.0
+        self.train_time_s = self.checkpoint_time_s = 0.0
         self.examples = self.tokens = 0
         self._started = self._val_started = 0.0
         self._val_time_s = 0.0
@@ -76,7 +77,11 @@ class CostMonitor(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak_since_reset(trainer)
-        self._val_time_s = 0.0
+        self._val_time_s = self.checkpoint_time_s = 0.0
+        # Checkpoints (ModelCheckpoint's, the interruption's) are written through trainer.save_checkpoint: its time
+        # is the checkpoint's size, not training's speed (a full fine-tuning's is the whole model's).
+        if not hasattr(trainer.save_checkpoint, "timed_by"):
+            trainer.save_checkpoint = _timed(trainer.save_checkpoint, self)
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -95,7 +100,7 @@ class CostMonitor(L.Callback):
             self._val_time_s += time.perf_counter() - self._val_started
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.train_time_s = time.perf_counter() - self._started - self._val_time_s
+        self.train_time_s = time.perf_counter() - self._started - self._val_time_s - self.checkpoint_time_s
         # this process's peaks (one device's, under DDP)
         self.peak_memory_mb = max(self.peak_memory_mb, self._peak_since_reset(trainer))
         # Under DDP every process trains on its own share: throughput counts them all.
@@ -108,6 +113,7 @@ class CostMonitor(L.Callback):
         seconds = max(self.train_time_s, 1e-9)
         return {
             "train_time_s": round(self.train_time_s, 3),
+            "checkpoint_time_s": round(self.checkpoint_time_s, 3),  # writing checkpoints in fit: not in train_time_s
             "train_examples_per_s": round(self.examples / seconds, 3),
             "train_tokens_per_s": round(self.tokens / seconds, 1),
             "train_examples_seen": self.examples,
@@ -115,3 +121,17 @@ class CostMonitor(L.Callback):
             "peak_val_memory_mb": round(self.peak_val_memory_mb, 1),  # validation's (generation)
             "peak_memory_kind": self.peak.kind if self.peak else None,
         }
+
+
+def _timed(save_checkpoint, monitor: CostMonitor):
+    """`trainer.save_checkpoint`, adding the seconds it takes to `monitor.checkpoint_time_s`."""
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return save_checkpoint(*args, **kwargs)
+        finally:
+            monitor.checkpoint_time_s += time.perf_counter() - started
+
+    timed.timed_by = monitor
+    return timed

@@ -3,12 +3,14 @@ and the FSDP strategy for T5 (`trainer=fsdp`)."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor
+import torch
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from flan_squad.utils.precision import check_precision
@@ -29,6 +31,9 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
     if max_epochs is not None and max_epochs < 1 and trainer_kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (or set trainer.max_steps)")
     callbacks = list(callbacks or [])
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # callbacks=none means no checkpoints: Lightning would add its own ModelCheckpoint (and reload from it)
+        trainer_kwargs.setdefault("enable_checkpointing", False)
     if not trainer_kwargs.get("logger"):  # logger=none: the learning rate has nowhere to go (Lightning would refuse)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if auto_batch_size:
@@ -75,21 +80,37 @@ def t5_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", **kwargs):
 def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
     """Entered by every process: under FSDP, rank 0's model holds its full weights inside (each process holds only its
     shard otherwise, and gathering them is a collective that every rank must join); elsewhere, nothing to do."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         yield
         return
-    # Gathered into CPU memory from GPUs (a model that needs FSDP may not fit one whole); offloading weights that are
-    # on the CPU already segfaults (torch 2.13).
-    offload = trainer.strategy.root_device.type != "cpu"
-    with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=offload):
+    root = trainer.strategy.model
+    # Gathered into CPU memory from GPUs (a model that needs FSDP may not fit one whole). Not when unsharded (NO_SHARD,
+    # which torch makes of any sharding on one device): torch refuses to offload it; nor from the CPU: that segfaults.
+    offload = trainer.strategy.root_device.type != "cpu" and root.sharding_strategy != ShardingStrategy.NO_SHARD
+    with FSDP.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=offload):
         yield
+
+
+def refuse_unshardable(trainer: L.Trainer, strategy) -> None:
+    """A strategy whose weights FSDP cannot shard (4-bit: integer tensors) is refused under FSDP, before training
+    starts (FSDP would fail at wrapping). A strategy says so with `shardable = False`."""
+    if isinstance(trainer.strategy, FSDPStrategy) and not getattr(strategy, "shardable", True):
+        raise ConfigError(f"strategy={strategy.name} with trainer=fsdp: FSDP cannot shard its 4-bit (integer) weights; "
+                          f"use trainer=ddp (or trainer=gpu), or strategy=lora to shard")
 
 
 def rebuild_before_reload(trainer: L.Trainer, module: L.LightningModule) -> None:
     """Under FSDP, fit leaves the weights sharded in FSDP wrappers, and Lightning loads a checkpoint (validate's best)
     into the module before wrapping it: "size mismatch ... torch.Size([0])". Dropping the model makes
-    `configure_model` build it afresh, to be loaded and then wrapped again."""
+    `configure_model` build it afresh, to be loaded and then wrapped again. The fit's optimizer (its state: twice the
+    trainable parameters) and wrapper are let go first, or the state would stay on the device through validation."""
     if isinstance(trainer.strategy, FSDPStrategy):
         module.model = None
+        trainer.strategy.model = module
+        trainer.strategy.optimizers = []  # validation steps no optimizer
+        trainer.strategy.lr_scheduler_configs = []
+        gc.collect()  # FSDP's wrappers hold reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

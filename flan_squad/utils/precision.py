@@ -33,6 +33,15 @@ def auto_precision(accelerator: str) -> str:
     return "bf16-mixed" if bf16_is_native("cuda" if wants_gpu else "cpu") else "32-true"
 
 
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a Lightning precision computes in (bf16-mixed: bfloat16, 32-true: float32); None if not one."""
+    return _PRECISION_DTYPES.get(str(precision))
+
+
+_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                     "32-true": torch.float32, "32": torch.float32}
+
+
 def check_precision(precision: str, option: str = "trainer.precision") -> str:
     """`precision` if T5 can run in it; fp16 is refused in one line (its activations overflow)."""
     if str(precision).startswith("16"):
