@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic  # noqa: E402
+from flan_squad.models.optimizers import describe_optimizer  # noqa: E402
 from flan_squad.runs.restore import build_parts  # noqa: E402
 from flan_squad.runs.cost import CostMonitor  # noqa: E402
 from flan_squad.runs.results import summary, write_results  # noqa: E402
@@ -53,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
     base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
-    module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
+    module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
+                                     optimizer=instantiate(cfg.optimizer))
     cost = CostMonitor()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
     loggers = _instantiate_group(cfg.get("logger"))
@@ -85,10 +87,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_examples": len(datamodule.train_questions),
         "val_examples": len(datamodule.val_questions),
         "epochs": trainer.current_epoch,
+        "stopped_early": bool(trainer.early_stopping_callback and trainer.early_stopping_callback.stopped_epoch),
         "optimizer_steps": trainer.global_step,
         "batch_size": datamodule.batch_size,
         "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
-        "lr": strategy.lr,
+        **describe_optimizer(trainer.optimizers[0]),  # its class, lr and state memory
         "seed": cfg.seed,
         "precision": str(trainer.precision),
         "device": str(trainer.strategy.root_device),
