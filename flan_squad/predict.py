@@ -15,7 +15,6 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 import torch  # noqa: E402

@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         **module.scores,
         **module.answer_stats,
+        "num_beams": module.num_beams,  # how validation decoded its answers (eval.num_beams)
         "strategy": strategy.name,
         "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
         "model": base.name,

@@ -108,7 +108,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             assert callbacks["lr_monitor"].logging_interval == "step"
             if option == "early_stopping":  # on validation F1, checked where validation computes it
                 stop = callbacks["early_stopping"]
-                assert isinstance(stop, EarlyStopping) and (stop.monitor, stop.mode, stop.patience) == ("val/f1", "max", 2)
+                assert isinstance(stop, EarlyStopping)
+                assert (stop.monitor, stop.mode, stop.patience) == ("val/f1", "max", 2)
                 assert stop._check_on_train_epoch_end is False
 
 

@@ -88,6 +88,26 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
             name, f1_per_epoch)
 
 
+def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache_dir, untrained, run_entry_point):
+    # conf/optimizer beside the default AdamW (the rest of this file): full fine-tuning on planted_v1, 2 epochs, the
+    # learning check's lr (3e-3) for each, validation after each epoch.
+    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1", "trainer.max_epochs=2",
+                                       "optimizer=adamw8bit,paged_adamw8bit,adafactor"], tmp_path, cache_dir)
+    by_optimizer = {job["optimizer"]: job for job in jobs}
+    # bitsandbytes runs its paged AdamW unpaged on a CPU (it warns), with the same state as AdamW8bit
+    assert set(by_optimizer) == {"AdamW8bit", "PagedAdamW8bit", "Adafactor"}
+    for name, job in by_optimizer.items():
+        f1_per_epoch = [float(v["val/f1"]) for v in job["validations"]]
+        assert len(f1_per_epoch) == 2 and job["lr"] == 3e-3, (name, f1_per_epoch)
+        assert untrained["planted_v1"]["f1"] < 2 and job["f1"] >= OPTIMIZER_F1[name], (name, f1_per_epoch)
+    # What the state holds: AdamW keeps two fp32 moments per parameter (8 bytes); the 8-bit ones two bytes (and fp32
+    # moments for tensors under 4,096 elements); Adafactor a row and a column of second moments per matrix.
+    adamw_mb = 8 * by_optimizer["Adafactor"]["trainable_params"] / 2**20
+    assert by_optimizer["AdamW8bit"]["optimizer_state_mb"] == by_optimizer["PagedAdamW8bit"]["optimizer_state_mb"]
+    assert 0.2 * adamw_mb < by_optimizer["AdamW8bit"]["optimizer_state_mb"] < 0.3 * adamw_mb
+    assert 0 < by_optimizer["Adafactor"]["optimizer_state_mb"] < 0.05 * adamw_mb
+
+
 # The decoy check (README "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
 # Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread), random init:
 #   OMP_NUM_THREADS=1 python -m flan_squad.train experiment=learning_check <DECOY_MINI> seed=S model.init_seed=S

@@ -106,11 +106,24 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"row {n}", record
 
 
-def _columns_of(records: list[tuple[str, Any]]) -> set[str]:
-    return {key for _, record in records if isinstance(record, dict) for key in record}
+def _columns_of(records: list[tuple[str, Any]], source: str) -> set[str]:
+    """The columns the records have between them; each must be a record (an object of columns)."""
+    present: set[str] = set()
+    for where, record in records:
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise DataError(f"{source}: {where}: expected a record (an object of columns), found {kind}")
+        present.update(record)
+    return present
 
 
 # --- the mapping ------------------------------------------------------------------------------------------
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell: None, blank text, or NaN (what pandas, and so `datasets`' CSV loader, reads a blank cell as)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float)
+                                                                              and value != value)
 
 
 def _text(value: Any, field: str, where: str) -> str:
@@ -120,8 +133,8 @@ def _text(value: Any, field: str, where: str) -> str:
 
 
 def _flag(value: Any, where: str, column: str) -> bool:
-    if value is None or isinstance(value, bool):
-        return bool(value)
+    if _missing(value) or isinstance(value, bool):
+        return value is True
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
@@ -130,7 +143,7 @@ def _flag(value: Any, where: str, column: str) -> bool:
 
 
 def _start(value: Any, where: str, column: str) -> int:
-    if value is None or value == "":
+    if _missing(value):
         return -1
     try:
         return int(value)
@@ -162,7 +175,7 @@ def _answers(record: dict, columns: Columns, present: set[str], where: str) -> t
             starts = [None] * len(texts)
         return texts, tuple(_start(s, where, f"{columns.answers} answer_start") for s in starts)
     value = record.get(columns.answer)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _missing(value):
         return (), ()
     return (_text(value, columns.answer, where),), (_start(record.get(start_col), where, start_col),)
 
@@ -171,12 +184,10 @@ def to_question(record: Any, columns: Columns, present: set[str], where: str, de
                 with_answers: bool = True) -> Question:
     """One record as a `Question`, through the column mapping; `present`: the columns the data has. Errors name
     `where` (the file and row) and the column."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a record (an object of columns), found {type(record).__name__}")
     qid = default_id
     if columns.id in present:
         value = record.get(columns.id)
-        if value is None or value == "":
+        if _missing(value):
             raise DataError(f"{where}: empty {columns.id} (dataset.columns.id)")
         qid = _text(value, columns.id, where)
     context = _text(record.get(columns.context), columns.context, where)
@@ -202,7 +213,9 @@ def questions_from_records(records: Iterable[tuple[str, Any]], columns: Columns 
     if columns is None:
         raise ConfigError(f"{source}: records need a column mapping, dataset.columns (conf/dataset/squad_v1.yaml)")
     records = list(records)
-    present = _columns_of(records)
+    if not records:
+        raise DataError(f"{source}: holds no questions")
+    present = _columns_of(records, source)
     required = [("context", columns.context), ("question", columns.question)]
     if with_answers and columns.answers not in present:
         required.append(("answer", columns.answer))
@@ -218,8 +231,6 @@ def questions_from_records(records: Iterable[tuple[str, Any]], columns: Columns 
             raise DataError(f"{source}: {where}: duplicate id {question.id!r} (first at {seen[question.id]})")
         seen[question.id] = where
         questions.append(question)
-    if not questions:
-        raise DataError(f"{source}: holds no questions")
     return questions
 
 

@@ -20,6 +20,7 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import unicodedata
@@ -71,7 +72,8 @@ def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, atten
     if encoder_outputs is None:
         encoder_outputs = run_encoder(model, input_ids, attention_mask)
     greedy = num_beams == 1
-    out = model.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+    # a copy: beam search repeats the encoder outputs for each beam in place, and they are scored with once more below
+    out = model.generate(encoder_outputs=copy.copy(encoder_outputs), attention_mask=attention_mask,
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                          output_logits=greedy, return_dict_in_generate=True)
     tokens = out.sequences[:, 1:]  # drop the decoder start token
