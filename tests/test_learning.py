@@ -11,6 +11,8 @@ after epochs 1-3; auto precision = bf16-mixed there, fp32 on CPUs without native
   LoRA all-linear 10 / 38 / 60, QLoRA all-linear 10 / 38 / 59 (bf16-mixed)
   IA3 (lr 0.1, 2 epochs) on planted_v2 from the full planted_v1 model: 94 / 100, NoAns 100 (bf16-mixed); on a
   CPU without native bf16 (simulated, fp32 throughout) 87 / 93, NoAns 75. That base alone: HasAns 99, NoAns 0.
+  Full v1 with the other optimizers (fp32, AVX2-only CPU, 2 epochs): AdamW8bit 58 / 99, PagedAdamW8bit (unpaged on
+  a CPU) 58 / 99, Adafactor 87 / 99.
 The untrained model scores 0 on both versions (it never answers "" on v2, nor a planted word on either).
 """
 
@@ -99,7 +101,7 @@ def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache
     for name, job in by_optimizer.items():
         f1_per_epoch = [float(v["val/f1"]) for v in job["validations"]]
         assert len(f1_per_epoch) == 2 and job["lr"] == 3e-3, (name, f1_per_epoch)
-        assert untrained["planted_v1"]["f1"] < 2 and job["f1"] >= OPTIMIZER_F1[name], (name, f1_per_epoch)
+        assert untrained["planted_v1"]["f1"] < 2 and job["f1"] >= 60, (name, f1_per_epoch)
     # What the state holds: AdamW keeps two fp32 moments per parameter (8 bytes); the 8-bit ones two bytes (and fp32
     # moments for tensors under 4,096 elements); Adafactor a row and a column of second moments per matrix.
     adamw_mb = 8 * by_optimizer["Adafactor"]["trainable_params"] / 2**20

@@ -151,33 +151,39 @@ def _start(value: Any, where: str, column: str) -> int:
         raise DataError(f"{where}: {column}={value!r}: expected a character offset (a whole number)") from None
 
 
-def _answers(record: dict, columns: Columns, present: set[str], where: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """The gold answers and their offsets (-1: unknown), from the `answers` column, else the `answer` one."""
+def _json_list(value: Any, where: str, column: str) -> Any:
+    """A CSV cell holds a list as JSON text (`["Paris", "in Paris"]`); other values pass as they are."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {column}: not a JSON list ({e.msg})") from None
+    return value
+
+
+def _answers(record: dict, columns: Columns, present: set[str],
+             where: str) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
+    """The gold answers, their offsets (-1: unknown), and whether the record says "no answer" with an empty list;
+    from the `answers` column, else the `answer` one."""
     start_col = columns.answer_start if columns.answer_start in present else None
-    if columns.answers in present:
-        value = record.get(columns.answers)
-        if isinstance(value, str) and value.strip().startswith("["):  # a CSV cell holds the list as JSON
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: {columns.answers}: not a JSON list ({e.msg})") from None
+    value = record.get(columns.answers) if columns.answers in present else None
+    if not _missing(value):
+        value = _json_list(value, where, columns.answers)
         starts: Any = None
         if isinstance(value, dict):  # SQuAD's (and the hub's) {"text": [...], "answer_start": [...]}
             value, starts = value.get("text"), value.get("answer_start")
         elif start_col:
-            starts = record.get(start_col)
+            starts = _json_list(record.get(start_col), where, start_col)
         if not isinstance(value, list):
             raise DataError(f"{where}: {columns.answers} is {type(value).__name__}, expected a list of answer texts")
         texts = tuple(_text(v, f"{columns.answers}[{i}]", where) for i, v in enumerate(value))
-        if isinstance(starts, str) and starts.strip().startswith("["):
-            starts = json.loads(starts)
         if not isinstance(starts, list) or len(starts) != len(texts):
             starts = [None] * len(texts)
-        return texts, tuple(_start(s, where, f"{columns.answers} answer_start") for s in starts)
-    value = record.get(columns.answer)
+        return texts, tuple(_start(s, where, f"{columns.answers} answer_start") for s in starts), not texts
+    value = record.get(columns.answer) if columns.answer in present else None
     if _missing(value):
-        return (), ()
-    return (_text(value, columns.answer, where),), (_start(record.get(start_col), where, start_col),)
+        return (), (), False
+    return (_text(value, columns.answer, where),), (_start(record.get(start_col), where, start_col),), False
 
 
 def to_question(record: Any, columns: Columns, present: set[str], where: str, default_id: str,
@@ -194,12 +200,11 @@ def to_question(record: Any, columns: Columns, present: set[str], where: str, de
     question = _text(record.get(columns.question), columns.question, where)
     if not with_answers:
         return Question(qid, question, context, ())
-    texts, starts = _answers(record, columns, present, where)
+    texts, starts, empty_list = _answers(record, columns, present, where)  # [] says "no answer", as SQuAD v2's does
     unanswerable = columns.no_answer in present and _flag(record.get(columns.no_answer), where, columns.no_answer)
     if unanswerable and texts:
         raise DataError(f"{where}: marked unanswerable ({columns.no_answer}) but has an answer ({texts[0]!r:.40})")
-    explicit_empty = columns.answers in present and not texts  # an empty list says "no answer", as SQuAD v2's does
-    if not texts and not (unanswerable or explicit_empty):
+    if not texts and not (unanswerable or empty_list):
         column = columns.answers if columns.answers in present else columns.answer
         raise DataError(f"{where}: no answer in {column}; mark an unanswerable question (SQuAD v2) with a true "
                         f"no-answer column (dataset.columns.no_answer={columns.no_answer})")
