@@ -63,6 +63,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, status.json, exit 143 / 130
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # read now: validating the best checkpoint below restores the callbacks' states saved with it
+        stopping = trainer.early_stopping_callback
+        trained = {**describe_optimizer(trainer.optimizers[0]),  # its class, lr and state memory
+                   "stopped_early": bool(stopping and stopping.stopped_epoch)}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             rebuild_before_reload(trainer, module)
@@ -88,11 +92,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_examples": len(datamodule.train_questions),
         "val_examples": len(datamodule.val_questions),
         "epochs": trainer.current_epoch,
-        "stopped_early": bool(trainer.early_stopping_callback and trainer.early_stopping_callback.stopped_epoch),
         "optimizer_steps": trainer.global_step,
         "batch_size": datamodule.batch_size,
         "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
-        **describe_optimizer(trainer.optimizers[0]),  # its class, lr and state memory
+        **trained,
         "seed": cfg.seed,
         "precision": str(trainer.precision),
         "device": str(trainer.strategy.root_device),
