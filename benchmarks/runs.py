@@ -166,7 +166,7 @@ def _pad_to_max(max_source: int, max_target: int, pad_id: int):
 def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg = s.cfg
     module = instantiate(cfg.module)(base=s.base, strategy=s.strategy, tokenizer=s.tokenizer,
-                                     version=s.datamodule.version)
+                                     version=s.datamodule.version, optimizer=instantiate(cfg.optimizer))
     epochs = _LightningEpochs()
     trainer = instantiate(cfg.trainer, max_epochs=spec.epochs, logger=False, callbacks=[epochs],
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -190,7 +190,7 @@ def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list
     epochs = _HFEpochs(ids_seen, padded)
     args = Seq2SeqTrainingArguments(
         output_dir=cfg.paths.output_dir, per_device_train_batch_size=spec.batch_size,
-        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.module.optimizer.weight_decay,
+        num_train_epochs=spec.epochs, learning_rate=s.strategy.lr, weight_decay=cfg.optimizer.weight_decay,
         warmup_steps=cfg.module.scheduler.warmup_ratio, lr_scheduler_type="linear",  # default optim: fused AdamW
         max_grad_norm=cfg.trainer.gradient_clip_val, logging_strategy="no", save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",

@@ -110,6 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "peak_memory_mb": v.peak_memory_mb,
             "peak_memory_kind": v.peak_memory_kind,
             "max_new_tokens": cfg.eval.max_new_tokens,
+            "num_beams": cfg.eval.num_beams,
             "stride": cfg.eval.stride,
             "snap_to_context": cfg.eval.snap_to_context,
             "precision": str(v.trainer.precision),

@@ -2,8 +2,9 @@
 
 From a training run (full model or adapter + base, as trained), or a hub/local model dir (an export, say:
 `model.name_or_path=DIR model.init=pretrained model.tokenizer=null`). One question prints its answer;
-`input_file=` (JSON list or JSONL of `{id, question, context}`) writes `{id: answer}` JSON. Answers go
-through the evaluation path: context windows, best window, snapping ("" means no answer).
+`input_file=` (records with a question and a context, and optionally an id: JSONL, a JSON list, CSV or Parquet, the
+columns named by `dataset.columns`; or an official SQuAD file) writes `{id: answer}` JSON. Answers go through the
+evaluation path: context windows, best window, snapping ("" means no answer).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -26,46 +26,9 @@ from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
 from flan_squad.evaluation.inference import answer_questions  # noqa: E402
 from flan_squad.runs.restore import restore  # noqa: E402
-from flan_squad.data.prompts import UNANSWERABLE
-from flan_squad.data.squad import DataError, Question  # noqa: E402
-
-
-def read_questions(path: str | Path) -> list[Question]:
-    """`{id, question, context}` records from a JSON list or a JSONL file; errors name the record."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"input_file={path}: cannot read it ({e})") from None
-    try:
-        records = json.loads(text)
-        where = [f"{path}[{i}]" for i in range(len(records))] if isinstance(records, list) else []
-        if not isinstance(records, list):
-            raise DataError(f"input_file={path}: expected a JSON list (or JSONL) of {{id, question, context}}")
-    except json.JSONDecodeError:
-        records, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"input_file={path}: line {n} is not JSON ({e.msg})") from None
-                where.append(f"{path}:{n}")
-    questions, seen = [], set()
-    for record, at in zip(records, where):
-        if not isinstance(record, dict):
-            raise DataError(f"{at}: expected an object {{id, question, context}}, found {type(record).__name__}")
-        for key in ("id", "question", "context"):
-            if not isinstance(record.get(key), (str, int)) or isinstance(record.get(key), bool):
-                raise DataError(f"{at}: missing or non-text {key!r}")
-        qid = str(record["id"])
-        if qid in seen:
-            raise DataError(f"{at}: duplicate id {qid!r}")
-        seen.add(qid)
-        questions.append(Question(qid, str(record["question"]), str(record["context"]), ()))
-    if not questions:
-        raise DataError(f"input_file={path}: holds no questions")
-    return questions
+from flan_squad.data.prompts import UNANSWERABLE  # noqa: E402
+from flan_squad.data.records import Columns, read_data_file  # noqa: E402
+from flan_squad.data.squad import Question  # noqa: E402
 
 
 def predict(cfg: DictConfig) -> dict[str, str]:
@@ -74,8 +37,11 @@ def predict(cfg: DictConfig) -> dict[str, str]:
         raise ConfigError("give either question=... context=... or input_file=... (not both)")
     if single and not (cfg.question and cfg.context):
         raise ConfigError("question=... and context=... both need text")
-    questions = (read_questions(cfg.input_file) if cfg.input_file
-                 else [Question("question", str(cfg.question), str(cfg.context), ())])
+    if cfg.input_file:
+        columns = Columns.from_config(cfg.dataset.columns)
+        questions = read_data_file(cfg.input_file, columns, with_answers=False, option="input_file")[1]
+    else:
+        questions = [Question("question", str(cfg.question), str(cfg.context), ())]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     precision = check_precision(cfg.precision, "precision")
@@ -86,7 +52,8 @@ def predict(cfg: DictConfig) -> dict[str, str]:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
                                    cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
-                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context, prompt=restored.base.prompt)
+                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context, prompt=restored.base.prompt,
+                                   num_beams=cfg.eval.num_beams)
     return answers.predictions
 
 

@@ -31,6 +31,7 @@ COLUMNS = [
     ("train_time_s", "train time (s)", "min", "{:.1f}"),
     ("train_examples_per_s", "examples/s", "max", "{:.2f}"),
     ("peak_memory_mb", "peak memory (MB)", "min", "{:.0f}"),
+    ("optimizer_state_mb", "optimizer state (MB)", "min", "{:.1f}"),
     ("trainable_params", "trainable params", "min", "{:,.0f}"),
     ("trainable_pct", "trainable %", "min", "{:.2f}"),
 ]
@@ -73,13 +74,15 @@ def _init_cell(run: Run) -> str:
 def table_rows(settings: list[Setting]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the markdown table; columns no run has (e.g. NoAns F1 on v1) are left out."""
     columns = [c for c in COLUMNS if any(s.values(c[0]) for s in settings)]
-    header = ["dataset", "approach", "lr", "seeds", *(title for _, title, _, _ in columns), "model", "init", "status"]
+    header = ["dataset", "approach", "lr", "optimizer", "seeds", *(title for _, title, _, _ in columns), "model",
+              "init", "status"]
     best = best_values(settings)
     rows = []
     for s in settings:
         run = s.first
         seeds = ", ".join(str(r.get("seed")) for r in s.runs if r.get("seed") is not None) or "–"
-        row = [run.dataset, run.approach, f"{run.lr:g}" if isinstance(run.lr, (int, float)) else "–", seeds]
+        row = [run.dataset, run.approach, f"{run.lr:g}" if isinstance(run.lr, (int, float)) else "–",
+               str(run.get("optimizer") or "–"), seeds]
         if s.status == "completed":
             row += [_cell(s, key, fmt, best.get((run.dataset, key))) for key, _, _, fmt in columns]
             row += [str(run.get("model", "?")), _init_cell(run), "ok" if len(s.runs) == 1 else f"ok (n={len(s.runs)})"]
@@ -110,7 +113,8 @@ def csv_text(settings: list[Setting]) -> str:
     out = io.StringIO()
     keys = [key for key, _, _, _ in COLUMNS]
     writer = csv.writer(out)
-    writer.writerow(["dataset", "approach", "strategy", "capacity", "capacity_value", "lr", "n_runs", "seeds",
+    writer.writerow(["dataset", "approach", "strategy", "capacity", "capacity_value", "lr", "optimizer", "n_runs",
+                     "seeds",
                      "status", "error",
                      *[k for key in keys for k in (key, f"{key}_std")], "model", "init", "runs"])
     for s in settings:
@@ -118,7 +122,7 @@ def csv_text(settings: list[Setting]) -> str:
         stats = [v if v is not None else "" for key in keys for v in (s.mean(key), s.std(key))]
         capacity = run.capacity or {}
         writer.writerow([run.dataset, run.approach, run.strategy, capacity.get("key", ""), capacity.get("value", ""),
-                         run.lr if run.lr is not None else "", len(s.runs),
+                         run.lr if run.lr is not None else "", run.get("optimizer") or "", len(s.runs),
                          " ".join(str(r.get("seed", "")) for r in s.runs), s.status, run.error, *stats,
                          run.get("model", run.choices.get("model", "")), run.get("init", ""),
                          " ".join(str(r.path) for r in s.runs)])

@@ -4,6 +4,8 @@ A drop-in for `evaluate-v1.1.py` / `evaluate-v2.0.py`: the SQuAD version is read
 the printed JSON has the official script's keys, values and layout (v1.1: `exact_match`, `f1`; v2.0:
 `exact`, `f1`, `total`, `HasAns_*`, `NoAns_*`, and `best_*` with `--na-prob-file`). The numbers come
 from `flan_squad.evaluation.metrics`, the one implementation of the official rules that training and evaluation use.
+Your own records (`.jsonl`, `.csv`, `.parquet`, a `.json` list; docs/data.md) score too: `--version v1|v2` and
+`--column FIELD=NAME` as `dataset.columns` maps them.
 
 Unlike the official scripts, a question without a prediction is an error (v1.1 would score it 0, v2.0
 would drop it from the total and then crash); `--allow-missing` scores each such question as wrong.
@@ -20,7 +22,8 @@ from typing import Mapping
 from flan_squad.utils.errors import FlanSquadError, print_error
 from flan_squad.utils.files import write_json_atomic
 from flan_squad.evaluation.metrics import ScoreError, score
-from flan_squad.data.squad import read_squad_file
+from flan_squad.data.records import Columns, read_data_file
+from flan_squad.utils.config import CONFIG_DIR
 
 
 def read_json_object(path: str | Path, what: str, value_type: type | tuple) -> dict:
@@ -47,12 +50,29 @@ def check_probabilities(path: str | Path, na_probs: Mapping[str, float]) -> None
             raise ScoreError(f"{path}: the no-answer probability for {key!r} is {value}: expected a number in [0, 1]")
 
 
+def columns(assignments: list[str]) -> Columns:
+    """The column mapping of conf/dataset (dataset.columns) with `FIELD=NAME` assignments applied (NAME null: none)."""
+    from omegaconf import OmegaConf
+
+    mapping = dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "dataset" / "squad_v1.yaml").columns))
+    for assignment in assignments:
+        field, sep, name = assignment.partition("=")
+        if not sep or field not in mapping:
+            raise ScoreError(f"--column {assignment}: expected FIELD=NAME with FIELD one of {', '.join(mapping)}")
+        mapping[field] = None if name == "null" else name
+    return Columns.from_config(mapping)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flan_squad.score",
         description="Score SQuAD v1.1/v2.0 predictions exactly like the official evaluation scripts.",
     )
-    parser.add_argument("data_file", help="official-format SQuAD JSON (its version picks the rules)")
+    parser.add_argument("data_file", help="official-format SQuAD JSON (its version picks the rules), or records "
+                        "(.jsonl, .csv, .parquet, a .json list) with --version")
+    parser.add_argument("--version", choices=["v1", "v2"], help="records: the SQuAD rules to score with")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
+                        help="records: the column that holds FIELD (as dataset.columns.FIELD; repeat for each)")
     parser.add_argument("pred_file", help="predictions JSON: {question_id: answer}, \"\" for no answer")
     parser.add_argument("--na-prob-file", "-n", help="v2.0: {question_id: probability of no answer}")
     parser.add_argument("--na-prob-thresh", "-t", type=float, default=1.0,
@@ -62,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="score questions without a prediction as wrong instead of failing")
     args = parser.parse_args(argv)
     try:
-        version, questions = read_squad_file(args.data_file)
+        version, questions = read_data_file(args.data_file, columns(args.column), option="data_file")
+        if version is None and args.version is None:
+            raise ScoreError(f"{args.data_file}: records do not say their SQuAD version: pass --version v1 or v2")
+        if args.version and version not in (None, args.version):
+            raise ScoreError(f"--version {args.version}: {args.data_file} is SQuAD {version} data")
+        version = version or args.version
+        if version == "v1" and any(not q.answers for q in questions):
+            raise ScoreError(f"{args.data_file}: has unanswerable questions: score with --version v2")
         predictions = read_json_object(args.pred_file, "prediction", str)
         na_probs = None
         if args.na_prob_file:

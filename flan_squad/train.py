@@ -23,6 +23,7 @@ from flan_squad.utils.config import register_resolvers  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_dir_atomic  # noqa: E402
 from flan_squad.utils.process import in_multirun  # noqa: E402
+from flan_squad.models.optimizers import describe_optimizer  # noqa: E402
 from flan_squad.runs.restore import build_parts  # noqa: E402
 from flan_squad.runs.cost import CostMonitor  # noqa: E402
 from flan_squad.runs.lifecycle import Run  # noqa: E402
@@ -57,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
         base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
         datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
-        module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version)
+        module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
+                                         optimizer=instantiate(cfg.optimizer))
         cost = CostMonitor()
         callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
         loggers = _instantiate_group(cfg.get("logger"))
@@ -66,6 +68,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, then RunInterrupted (exit 143 / 130)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # read now: validating the best checkpoint below restores the callbacks' states saved with it
+            stopping = trainer.early_stopping_callback
+            trained = {**describe_optimizer(trainer.optimizers[0]),  # its class, lr and state memory
+                       "stopped_early": bool(stopping and stopping.stopped_epoch)}
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if best:
                 rebuild_before_reload(trainer, module)
@@ -79,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = {
             **module.scores,
             **module.answer_stats,
+            "num_beams": module.num_beams,  # how validation decoded its answers (eval.num_beams)
             "strategy": strategy.name,
             "approach": strategy.describe(),  # label and capacity, for reports (which import no strategy code)
             "model": base.name,
@@ -94,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "optimizer_steps": trainer.global_step,
             "batch_size": datamodule.batch_size,
             "auto_batch_size": uses_batch_size_finder(trainer),  # then batch_size is the size the finder chose
-            "lr": strategy.lr,
+            **trained,
             "seed": cfg.seed,
             "precision": str(trainer.precision),
             "device": str(trainer.strategy.root_device),

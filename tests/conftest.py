@@ -74,27 +74,33 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "FLAN_SQUAD_SHARED": str(SHARED), **extra}
 
 
+def run_module(monkeypatch, module: str, argv: list[str]) -> int:
+    """`python -m <module> <argv>` in this process; its exit status. Hydra's logging set-up is undone after."""
+    monkeypatch.setenv("FLAN_SQUAD_SHARED", str(SHARED))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # Hydra sets up logging for its job: undone after
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    code = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": it runs again as __main__
+            runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        root.handlers[:], root.level = handlers, level
+    return code
+
+
 @pytest.fixture
 def run_entry_point(monkeypatch, capsys):
     """`python -m <module> <argv>` in this process, as a `subprocess.CompletedProcess`: the same argument
     parsing, Hydra main, output and exit status as a subprocess, without its ~9 s import of the stack. Tests
     where the process itself matters (killed, distributed, one-line errors on a real stderr) run subprocesses."""
-    monkeypatch.setenv("FLAN_SQUAD_SHARED", str(SHARED))
 
     def run(module: str, argv: list[str]) -> subprocess.CompletedProcess:
         capsys.readouterr()  # only this run's output
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level  # Hydra sets up logging for its job: undone after
-        monkeypatch.setattr(sys, "argv", [module, *argv])
-        code = 0
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": it runs again as __main__
-                runpy.run_module(module, run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        finally:
-            root.handlers[:], root.level = handlers, level
+        code = run_module(monkeypatch, module, argv)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([module, *argv], code, out, err)
 

@@ -55,3 +55,19 @@ def KillAtStep(step: int) -> SignalAtStep:
     """SIGKILL as step `step` starts: no chance to clean up, as with `kill -9` or the OOM killer. The rolling
     checkpoint written before it stays on disk; the steps trained since are lost."""
     return SignalAtStep(int(signal.SIGKILL), step)
+
+
+class CrashAtStep(L.Callback):
+    """Raises as step `step` starts, as a crash would (in this process, cheaper than a killed subprocess): the
+    rolling checkpoint written before it stays on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise InjectedCrash(f"crash injected at step {self.step}")
+
+
+class InjectedCrash(RuntimeError):
+    pass

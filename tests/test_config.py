@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from conftest import compose_config
@@ -17,14 +17,16 @@ from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
 from flan_squad.utils.precision import auto_precision
 from flan_squad.models.strategies import Strategy
 from flan_squad.runs.tracking import MLflowLogger
-from flan_squad.data.squad import read_squad_file
+from flan_squad.data.records import Columns
+from flan_squad.data.squad import DataError, read_squad_file
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-GROUPS = {g: _options(g) for g in ["model", "strategy", "dataset", "trainer", "logger", "callbacks", "experiment"]}
+GROUPS = {g: _options(g) for g in ["model", "strategy", "dataset", "optimizer", "trainer", "logger", "callbacks",
+                                   "experiment"]}
 
 
 def _documented_options(group: str) -> list[str]:
@@ -55,11 +57,23 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             assert {key: getattr(config, key) for key in cfg.model.architecture} == cfg.model.architecture
             if instance.init == "pretrained":
                 assert instance.checkpoint() == cfg.model.name_or_path
+    elif group == "dataset" and option == "records":  # your own files: none until named
+        dm = instantiate(cfg.dataset, tokenizer=None)
+        assert dm.columns == Columns.from_config(compose_config([], output_dir=tmp_path).dataset.columns)
+        with pytest.raises(DataError, match="dataset.validation_file is not set, nor dataset.hub_id"):
+            dm.setup("validate")
     elif group == "dataset":
         dm = instantiate(cfg.dataset, tokenizer=None)
         assert (dm.name, dm.version) == (option, option[-2:])  # squad_v2, planted_v2: SQuAD 2.0 prompts and rules
         dm.prepare_data()  # the planted task's files are generated here (its config only names them)
         assert Path(dm.validation_file).is_file() and read_squad_file(dm.validation_file)[0] == dm.version
+    elif group == "optimizer":  # the class named, with the strategy's lr and the YAML's settings
+        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+        assert type(optimizer).__name__ == {"adamw": "AdamW", "adamw8bit": "AdamW8bit",
+                                            "paged_adamw8bit": "PagedAdamW8bit", "adafactor": "Adafactor"}[option]
+        assert optimizer.defaults["lr"] == cfg.strategy.lr
+        settings = {k: v for k, v in cfg.optimizer.items() if not k.startswith("_") and k in optimizer.defaults}
+        assert settings and all(optimizer.defaults[k] == v for k, v in settings.items()), optimizer.defaults
     elif group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         # No GPU to build on: the config composes, in fp32 (no native bf16 without one), and FSDP's strategy builds.
         assert cfg.trainer.precision == "32-true"
@@ -92,6 +106,11 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             assert isinstance(callbacks["progress_bar"], TQDMProgressBar)
             assert isinstance(callbacks["lr_monitor"], LearningRateMonitor)
             assert callbacks["lr_monitor"].logging_interval == "step"
+            if option == "early_stopping":  # on validation F1, checked where validation computes it
+                stop = callbacks["early_stopping"]
+                assert isinstance(stop, EarlyStopping)
+                assert (stop.monitor, stop.mode, stop.patience) == ("val/f1", "max", 2)
+                assert stop._check_on_train_epoch_end is False
 
 
 def test_defaults_follow_the_reference_setup(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import DEV_V1, DEV_V2, TRAIN_V2_SAMPLE
-from flan_squad.data.datamodule import SquadDataModule, read_squad_hub, sample
+from flan_squad.data.datamodule import SquadDataModule, sample
 from flan_squad.data.encoding import collate, encode
 from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE, answer_to_prediction
 from flan_squad.data.squad import DataError, Question, read_squad_file
@@ -203,5 +203,7 @@ def test_empty_after_limits(tokenizer):
 
 
 def test_hub_offline_fails_fast_with_advice():
+    from flan_squad.data.records import read_hub
+
     with pytest.raises(DataError, match="dataset.train_file=.*dataset.validation_file="):
-        read_squad_hub("rajpurkar/squad", "validation")
+        read_hub("rajpurkar/squad", None, "validation", None)

@@ -100,6 +100,31 @@ def test_predict_from_a_run_matches_evaluation(lora_run, tmp_path, cache_dir):
     assert predict(cfg) == predictions  # other batches, same answers
 
 
+def test_beam_search_answers_in_training_validation_as_in_evaluate_and_predict(tmp_path, cache_dir):
+    # eval.num_beams reaches every answering path: training's validation (its predictions.json), evaluate and predict
+    # give the same answers. Whether beams find better answers is checked on a model that has learned something
+    # (tests/test_own_data.py); num_beams=1 is greedy decoding as before (tests/test_regression.py pins it).
+    run = tmp_path / "beams"
+    trained = train(compose_config([*SMALL, "strategy=lora", "dataset.limit_train=8", "trainer.max_epochs=1",
+                                    "eval.num_beams=3", "logger=none"], output_dir=run, cache=cache_dir))
+    assert trained["num_beams"] == 3
+    predictions = json.loads((run / "predictions.json").read_text())
+    evaluated = evaluate(compose_config([*SMALL, f"run_dir={run}", "eval.num_beams=3"], config_name="evaluate",
+                                        output_dir=tmp_path / "evaluated", cache=cache_dir))
+    assert evaluated["num_beams"] == 3
+    assert json.loads((tmp_path / "evaluated" / "predictions.json").read_text()) == predictions
+    assert json.loads((tmp_path / "evaluated" / "na_probs.json").read_text()) == pytest.approx(
+        json.loads((run / "na_probs.json").read_text()), rel=1e-4)
+    questions = [q for q in read_squad_file(SHARED / "data/squad/v2.0/dev-v2.0.reconstructed.json")[1]
+                 if q.id in predictions]
+    input_file = tmp_path / "questions.jsonl"
+    input_file.write_text("\n".join(json.dumps({"id": q.id, "question": q.question, "context": q.context})
+                                    for q in questions), encoding="utf-8")
+    assert predict(compose_config([f"run_dir={run}", f"input_file={input_file}", "dataset.max_source_length=128",
+                                   "eval.stride=32", "eval.max_new_tokens=6", "eval.num_beams=3", "batch_size=3",
+                                   "precision=32-true"], config_name="predict", cache=cache_dir)) == predictions
+
+
 def test_predict_computes_in_evaluations_precision(tmp_path, cache_dir):
     # A random-init model's near-uniform logits flip greedy choices under any other rounding: predict matches
     # evaluate in bf16-mixed only if it computes in bf16 as Lightning does (and batches as evaluation does).

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flan_squad.data.encoding import encode
-from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, collect_answers, combine_windows, run_encoder,
-                                  sequence_logprobs, snap_to_context, spellable_by, window_answers)
+from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, collect_answers, combine_windows,
+                                             generate_windows, run_encoder, sequence_logprobs, snap_to_context,
+                                             spellable_by, window_answers)
 from flan_squad.evaluation.metrics import score
 from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE
 from flan_squad.data.squad import read_squad_file
@@ -91,12 +92,17 @@ def test_snapping_maps_unspellable_text_back_to_the_context(tokenizer):
     assert snap_to_context("", context, spellable) == ""
 
 
-def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer, dev_questions):
-    model = tiny_base.load().eval()
-    enc = encode(dev_questions[:4], tokenizer, "v2", 128, 16, stride=32)
+def _window_batch(tokenizer, questions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The questions' context windows (v2 prompts, 128 tokens, stride 32), padded into one batch: ids and mask."""
+    enc = encode(questions, tokenizer, "v2", 128, 16, stride=32)
     width = max(len(x) for x in enc.input_ids)
     input_ids = torch.tensor([x + [0] * (width - len(x)) for x in enc.input_ids])
-    mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in enc.input_ids])[:, None]).long()
+    return input_ids, (torch.arange(width)[None] < torch.tensor([len(x) for x in enc.input_ids])[:, None]).long()
+
+
+def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer, dev_questions):
+    model = tiny_base.load().eval()
+    input_ids, mask = _window_batch(tokenizer, dev_questions[:4])
     answers = answer_windows(model, tokenizer, input_ids, mask, 6, no_answer=UNANSWERABLE)
     with torch.no_grad():
         generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
@@ -120,6 +126,33 @@ def test_window_scores_are_the_model_log_probabilities(tiny_base, cpu, tokenizer
     with torch.no_grad():
         first = model(input_ids=input_ids, attention_mask=mask, labels=target[:, :1]).logits[:, 0].log_softmax(-1)
     assert [a.na_logprob for a in empty] == pytest.approx(first[:, tokenizer.eos_token_id].tolist(), abs=1e-4)
+
+
+def test_beam_answers_are_scored_as_greedy_ones_and_leave_the_no_answer_likelihood_alone(tiny_base, tokenizer,
+                                                                                        dev_questions):
+    model = tiny_base.load().eval()
+    input_ids, mask = _window_batch(tokenizer, dev_questions[:4])
+    greedy = generate_windows(model, tokenizer, input_ids, mask, 6, no_answer=UNANSWERABLE)
+    tokens, logprob, na_logprob = generate_windows(model, tokenizer, input_ids, mask, 6, no_answer=UNANSWERABLE,
+                                                   num_beams=3)
+    # P(no answer | window) is the same whatever the decoding: only P(answer) moves with the answer chosen
+    assert torch.equal(na_logprob, greedy[2])
+    with torch.no_grad():
+        beams = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
+                               do_sample=False, output_scores=True, return_dict_in_generate=True)
+        labels = beams.sequences[:, 1:].clone()
+        for row in labels:  # only up to the first </s> is the answer
+            eos = (row == tokenizer.eos_token_id).nonzero()
+            if len(eos):
+                row[eos[0, 0] + 1 :] = -100
+        expected = sequence_logprobs(model, run_encoder(model, input_ids, mask), mask, labels)
+    assert torch.equal(tokens, beams.sequences[:, 1:])  # beam search's own answer
+    # log P(answer) as for a greedy answer: the whole sequence by teacher forcing (the window-score test above)
+    assert logprob.tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    # and the window score (mean log-probability per token) is the very score beam search ranked its beams by
+    answers = window_answers(tokenizer, tokens, logprob, na_logprob)
+    assert [a.score for a in answers] == pytest.approx(beams.sequences_scores.tolist(), abs=1e-4)
+    assert [a.na_logprob for a in answers] == [a.na_logprob for a in window_answers(tokenizer, *greedy)]
 
 
 def test_validation_metric_scores_as_the_window_answers_would(tokenizer):

@@ -85,6 +85,75 @@ def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(t
     assert metrics["f1"] == reference["f1"] and metrics["best_checkpoint"] == reference["best_checkpoint"]
 
 
+# A crash in this process (cheaper than a killed subprocess, which the test above covers): 24 questions in batches
+# of 4, 6 steps; last.ckpt after every step; the crash as step 4 starts leaves last.ckpt at step 4 (steps 0-3 done).
+CRASH = ["+callbacks.crash._target_=fault_injection.CrashAtStep", "+callbacks.crash.step=4"]
+SHORT = ["experiment=smoke", "strategy=full", "dataset=squad_v1", "dataset.limit_train=24", "dataset.batch_size=4",
+         "dataset.limit_val=4", "trainer.max_epochs=1", "trainer.precision=32-true", "logger=none",
+         "eval.max_new_tokens=4", "callbacks.last_checkpoint.every_n_train_steps=1"]
+
+
+def _assert_same_tensors(resumed, reference, where: str = "") -> None:
+    """Every tensor in two nested checkpoint structures equal (to 1e-6), and the structures alike."""
+    import torch
+
+    if isinstance(reference, dict):
+        assert resumed.keys() == reference.keys(), where
+        for key in reference:
+            _assert_same_tensors(resumed[key], reference[key], f"{where}.{key}")
+    elif isinstance(reference, (list, tuple)):
+        assert len(resumed) == len(reference), where
+        for i, (a, b) in enumerate(zip(resumed, reference)):
+            _assert_same_tensors(a, b, f"{where}[{i}]")
+    elif torch.is_tensor(reference):
+        assert resumed.dtype == reference.dtype and (resumed.double() - reference.double()).abs().max() <= 1e-6, where
+    else:
+        assert resumed == reference, where
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adafactor"])
+def test_each_optimizer_resumes_to_the_uninterrupted_weights_and_state(optimizer, tmp_path, cache_dir):
+    from fault_injection import InjectedCrash
+    import torch
+
+    args = [*SHORT, f"optimizer={optimizer}"]
+    with pytest.raises(InjectedCrash):
+        train(compose_config(args + CRASH, output_dir=tmp_path / "crashed", cache=cache_dir))
+    assert torch.load(tmp_path / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
+    reference = train(compose_config(args, output_dir=tmp_path / "reference", cache=cache_dir))
+    assert resumed["resumed_from"] and resumed["optimizer_steps"] == reference["optimizer_steps"] == 6
+    assert resumed["optimizer"] == reference["optimizer"] and resumed["optimizer_state_mb"] > 0
+    last = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (tmp_path / "crashed",
+                                                                                     tmp_path / "reference")]
+    _assert_same_tensors(last[0]["state_dict"], last[1]["state_dict"], "weights")
+    # the optimizer's own state (8-bit moments and their scales, Adafactor's factored moments) went on exactly
+    _assert_same_tensors(last[0]["optimizer_states"], last[1]["optimizer_states"], "optimizer")
+
+
+def test_early_stopping_count_survives_a_crash_and_resume(tmp_path, cache_dir):
+    # A random-init model whose answers stay wrong: val/f1 is 0 after every epoch, so with patience 2 training stops
+    # after its third epoch (the first sets the best, the next two do not beat it). 8 questions in batches of 4: 2
+    # steps an epoch. The crash as step 5 starts (the third epoch's second) resumes from the checkpoint written after
+    # step 4, when the second epoch's validation had counted one epoch without improvement: the resumed run must stop
+    # where the uninterrupted one does, not count from 0 again (which would train two more epochs).
+    from fault_injection import InjectedCrash
+    import torch
+
+    args = [*SHORT, "dataset.limit_train=8", "trainer.max_epochs=8", "callbacks=early_stopping",
+            "callbacks.early_stopping.patience=2"]
+    reference = train(compose_config(args, output_dir=tmp_path / "reference", cache=cache_dir))
+    assert reference["stopped_early"] and (reference["epochs"], reference["optimizer_steps"]) == (3, 6)
+    with pytest.raises(InjectedCrash):
+        train(compose_config(args + [*CRASH[:1], "+callbacks.crash.step=5"], output_dir=tmp_path / "crashed",
+                             cache=cache_dir))
+    saved = torch.load(tmp_path / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("EarlyStopping")]
+    assert saved["global_step"] == 5 and state["wait_count"] == 1
+    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
+    assert resumed["stopped_early"] and (resumed["epochs"], resumed["optimizer_steps"]) == (3, 6)
+
+
 def test_the_loader_position_skips_only_what_its_epoch_trained_on():
     from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 

@@ -20,7 +20,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = "squad_v1", seed: int = 42,
              lr: float = 1e-3, rank: int | None = 16, memory: float = 800.0, seconds: float = 60.0,
-             curve: list[tuple[int, float]] | None = None, recorded: bool = True) -> Path:
+             curve: list[tuple[int, float]] | None = None, recorded: bool = True,
+             optimizer: dict | None = None) -> Path:
     """A run dir as flan_squad.train leaves it: metrics.json, config.yaml, .hydra/, TensorBoard events.
     recorded=False: as training left it before metrics.json recorded the strategy's `approach`. `rank`: the value
     of the strategy's capacity hyperparameter (LoRA's rank), if it has one."""
@@ -33,7 +34,7 @@ def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = 
                "total_params": 10_000_000, "params_4bit": 0, "train_time_s": seconds,
                "train_examples_per_s": 480 / seconds, "peak_memory_mb": memory, "peak_memory_kind": "rss",
                "train_examples": 240, "val_examples": 100, "epochs": 2, "batch_size": 16, "lr": lr, "seed": seed,
-               "precision": "32-true", "device": "cpu"}
+               "precision": "32-true", "device": "cpu", **(optimizer or {})}
     if recorded:
         metrics["approach"] = make_strategy(strategy, lr=lr, **({} if rank is None else {key: rank})).describe()
     if dataset == "squad_v2":
@@ -112,6 +113,24 @@ def test_failed_job_and_mixed_datasets(tmp_path, capsys):
     rows = list(csv.DictReader((sweep / "report" / "results.csv").open()))
     assert [r["status"] for r in rows] == ["completed", "completed", "completed", "failed"]
     assert {r["dataset"] for r in rows} == {"squad_v1", "squad_v2"} and rows[3]["strategy"] == "qlora"
+
+
+def test_runs_with_other_optimizers_are_other_settings_with_their_state_memory(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0", "lora", 5.0, optimizer={"optimizer": "AdamW", "optimizer_state_mb": 2.0})
+    for seed in (1, 2):  # one setting, two seeds
+        make_run(sweep, str(seed), "lora", 4.0 + seed, seed=seed,
+                 optimizer={"optimizer": "AdamW8bit", "optimizer_state_mb": 0.5})
+    _, settings, _ = build_report([str(sweep)])
+    assert sorted((s.first.get("optimizer"), len(s.runs)) for s in settings) == [("AdamW", 1), ("AdamW8bit", 2)]
+    table = (sweep / "report" / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| dataset")).split(" | ")
+    rows = {line.split(" | ")[header.index("optimizer")]: line.split(" | ")
+            for line in table.splitlines() if line.startswith("| squad")}
+    assert rows["AdamW8bit"][header.index("optimizer state (MB)")] == "**0.5 ± 0.0**"  # two seeds, one setting
+    assert rows["AdamW"][header.index("optimizer state (MB)")] == "2.0"
+    assert [r["optimizer"] for r in csv.DictReader((sweep / "report" / "results.csv").open())] == ["AdamW8bit",
+                                                                                                   "AdamW"]
 
 
 def _assert_real_png(path: Path) -> None:

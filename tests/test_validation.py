@@ -81,7 +81,7 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
         [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "dataset.train_file=/nonexistent/train.json",
          f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    message = "/nonexistent/train.json: no such file (set dataset.train_file / dataset.validation_file)"
+    message = "dataset.train_file=/nonexistent/train.json: cannot read it (no such file)"
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert "Traceback" not in result.stderr and (result.stdout + result.stderr).count(message) == 1  # said once

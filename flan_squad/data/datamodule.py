@@ -1,6 +1,7 @@
-"""The LightningDataModules: SQuAD v1.1 / v2.0 (local official-format files or the hub) and the planted task.
+"""The LightningDataModules: SQuAD v1.1 / v2.0 questions (official-format files, your own records, or a hub dataset)
+and the planted task.
 
-Reading order: `read_squad_file` (`flan_squad.data.squad`) / `read_squad_hub` -> `sample` -> `encode`
+Reading order: `read_data_file` / `read_hub` (`flan_squad.data.records`) -> `sample` -> `encode`
 (`flan_squad.data.encoding`) -> batches (`flan_squad.data.sampler`) -> `SquadDataModule`.
 """
 
@@ -19,33 +20,13 @@ from flan_squad.utils.errors import ConfigError, error_line
 from flan_squad.data.encoding import Encoded, Features, collate, encode
 from flan_squad.data.prompts import PROMPTS, VERSIONS
 from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
-from flan_squad.data.squad import DataError, Question, read_squad_file
+from flan_squad.data.records import Columns, read_data_file, read_hub
+from flan_squad.data.squad import DataError, Question
 
 log = logging.getLogger(__name__)
 
 
 # --- reading ----------------------------------------------------------------------------------------
-
-
-def read_squad_hub(hub_id: str, split: str) -> list[Question]:
-    """Load a split from the Hugging Face hub (`rajpurkar/squad`, `rajpurkar/squad_v2`)."""
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline, unknown id, no such split: all need the same advice
-        raise DataError(
-            f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({error_line(e)}). "
-            f"Without hub access, point at local files in "
-            f"the official SQuAD format: dataset.train_file=... dataset.validation_file=..."
-        ) from None
-    return [
-        Question(
-            str(r["id"]), r["question"], r["context"], tuple(r["answers"]["text"]),
-            tuple(r["answers"]["answer_start"]), r.get("title", ""),
-        )
-        for r in rows
-    ]
 
 
 def sample(questions: Sequence[Question], limit: int | None, seed: int) -> list[Question]:
@@ -62,7 +43,8 @@ def sample(questions: Sequence[Question], limit: int | None, seed: int) -> list[
 
 
 class SquadDataModule(L.LightningDataModule):
-    """SQuAD v1.1 or v2.0 from local official-format files or the hub, tokenized for one tokenizer.
+    """SQuAD v1.1 or v2.0 questions from local files (official SQuAD JSON, or records mapped by `columns`) or a hub
+    dataset (`hub_id`, `hub_config`, mapped by `columns`), tokenized for one tokenizer.
 
     `val_questions` (in file order) and `version` are what scoring needs after validation.
     """
@@ -72,7 +54,7 @@ class SquadDataModule(L.LightningDataModule):
         tokenizer,
         name: str,
         version: str,
-        hub_id: str,
+        hub_id: str | None,
         train_file: str | None = None,
         validation_file: str | None = None,
         max_source_length: int = 512,
@@ -86,6 +68,8 @@ class SquadDataModule(L.LightningDataModule):
         eval_stride: int | None = None,
         val_split: str = "validation",
         prompt: str = "flan",
+        columns: dict | None = None,
+        hub_config: str | None = None,
     ):
         super().__init__()
         if version not in VERSIONS:
@@ -103,7 +87,9 @@ class SquadDataModule(L.LightningDataModule):
             if value is not None and value < 0:
                 raise ConfigError(f"dataset.{option}={value}: must be >= 1, or null for all questions")
         self.tokenizer = tokenizer
-        self.name, self.version, self.hub_id = name, version, hub_id
+        self.name, self.version, self.hub_id, self.hub_config = name, version, hub_id, hub_config
+        # which column holds each field of records and hub rows (official SQuAD JSON has its own names)
+        self.columns = Columns.from_config(columns) if columns is not None else None
         self.train_file, self.validation_file = train_file, validation_file
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -126,16 +112,21 @@ class SquadDataModule(L.LightningDataModule):
         self.train_position.load_state_dict(state.get("train_loader", {}))
 
     def _read(self, file: str | None, split: str, limit: int | None) -> tuple[list[Question], str]:
+        option = f"dataset.{'train' if split == 'train' else 'validation'}_file"
         if file:
-            file_version, questions = read_squad_file(file)
-            if file_version != self.version:
+            file_version, questions = read_data_file(file, self.columns, option=option)
+            if file_version not in (None, self.version):
                 log.warning("%s is SQuAD %s data but dataset.version=%s: scoring with %s rules",
                             file, file_version, self.version, self.version)
             source = str(file)
+        elif self.hub_id:
+            questions = read_hub(self.hub_id, self.hub_config, split, self.columns)
+            source = f"{self.hub_id}[{split}]"
         else:
-            questions, source = read_squad_hub(self.hub_id, split), f"{self.hub_id}[{split}]"
+            raise DataError(f"{option} is not set, nor dataset.hub_id: name a data file (SQuAD JSON, JSONL, CSV or "
+                            f"Parquet) or a hub dataset")
         if self.version == "v1" and any(not q.answers for q in questions):
-            raise DataError(f"{source}: has unanswerable questions; use dataset=squad_v2 for it")
+            raise DataError(f"{source}: has unanswerable questions; use dataset=squad_v2 (or dataset.version=v2)")
         try:
             return sample(questions, limit, self.seed), source
         except DataError as e:

@@ -1,23 +1,26 @@
-"""From model inputs to answers: batched greedy generation, decoded into prediction text.
+"""From model inputs to answers: batched generation (greedy, or beam search with `eval.num_beams`), decoded into
+prediction text.
 
 Training validation, evaluation, prediction and the benchmarks all answer questions through here:
-1. `answer_windows` answers a batch of encoded inputs (one per context window) greedily, and scores each
-   answer with the model's own log-probabilities (and, for v2, the log-probability of the no-answer answer).
+1. `answer_windows` answers a batch of encoded inputs (one per context window), and scores each answer with the
+   model's own log-probabilities (and, for v2, the log-probability of the no-answer answer).
 2. `combine_windows` picks one answer per question from its windows and gives its no-answer probability.
 3. `snap_to_context` maps an answer the tokenizer could not spell back to the context's own text.
 `collect_answers` does 2 and 3 for a whole split; `answer_questions` runs 1-3 on plain questions.
 
 Definitions (also in the README):
 - window score: the mean log-probability per generated token (end-of-sequence included) of the window's
-  greedy answer, so that long and short answers compete fairly.
+  answer, so that long and short answers compete fairly.
 - no-answer probability of a question: P(u) / (P(u) + P(a)), where P(a) is the model's probability of
-  the chosen answer (the whole greedy sequence) and P(u) that of the no-answer answer ("unanswerable" in the
+  the chosen answer (the whole generated sequence, greedy or beam: the same definition, not beam search's
+  length-normalised score) and P(u) that of the no-answer answer ("unanswerable" in the
   `flan` prompt format, the empty answer in `t5`'s), both given the window the answer came from; it is 1.0
   when every window gave no answer (the prediction is then "" whatever the threshold).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import unicodedata
@@ -40,7 +43,7 @@ from flan_squad.data.squad import Question
 class WindowAnswer:
     text: str  # prediction text: "" when the model said "unanswerable" (or nothing)
     score: float  # mean log-probability per generated token: compares windows of one question
-    logprob: float  # log P(whole greedy answer sequence)
+    logprob: float  # log P(whole answer sequence)
     na_logprob: float | None = None  # log P(no-answer answer), for SQuAD v2
 
 
@@ -61,19 +64,26 @@ def sequence_logprobs(model: nn.Module, encoder_outputs, attention_mask: torch.T
 
 @torch.no_grad()
 def generate_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None,
+                     max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None, num_beams: int = 1,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Greedy answer token ids for each row (padded after their end of sequence), log P(answer) and, given the
-    `no_answer` text (v2: "unanswerable" or ""), log P(no_answer): tensors, as validation's metric accumulates them."""
+    """Answer token ids for each row (padded after their end of sequence), log P(answer) and, given the `no_answer`
+    text (v2: "unanswerable" or ""), log P(no_answer): tensors, as validation's metric accumulates them. Greedy
+    (`num_beams=1`), or beam search; either way log P(answer) is the model's probability of the whole answer."""
     if encoder_outputs is None:
         encoder_outputs = run_encoder(model, input_ids, attention_mask)
-    out = model.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         output_logits=True, return_dict_in_generate=True, synced_gpus=_sharded(model))
+    greedy = num_beams == 1
+    # a copy: beam search repeats the encoder outputs for each beam in place, and they are scored with once more below
+    out = model.generate(encoder_outputs=copy.copy(encoder_outputs), attention_mask=attention_mask,
+                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                         output_logits=greedy, return_dict_in_generate=True, synced_gpus=_sharded(model))
     tokens = out.sequences[:, 1:]  # drop the decoder start token
-    step_logp = torch.stack([step.float().log_softmax(-1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
-                             for i, step in enumerate(out.logits)], dim=1)
-    logprob = (step_logp * _answer_mask(tokens, tokenizer.eos_token_id)).sum(1)
+    if greedy:  # the scores come with the greedy steps
+        step_logp = torch.stack([step.float().log_softmax(-1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
+                                 for i, step in enumerate(out.logits)], dim=1)
+        logprob = (step_logp * _answer_mask(tokens, tokenizer.eos_token_id)).sum(1)
+    else:  # beam scores are length-normalised and reordered: score the chosen answer as the no-answer one is
+        logprob = sequence_logprobs(model, encoder_outputs, attention_mask,
+                                    tokens.masked_fill(~_answer_mask(tokens, tokenizer.eos_token_id), -100))
     na_logprob = None
     if no_answer is not None:
         target = tokenizer(no_answer).input_ids  # ends with </s> ("" is </s> alone)
@@ -109,10 +119,12 @@ def window_answers(tokenizer, tokens: torch.Tensor, logprob: torch.Tensor,
 
 
 def answer_windows(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None) -> list[WindowAnswer]:
-    """Greedy answer for each row, scored by its own log-probabilities; the `no_answer` text adds log P(no_answer)."""
+                   max_new_tokens: int, no_answer: str | None = None, encoder_outputs=None,
+                   num_beams: int = 1) -> list[WindowAnswer]:
+    """The answer for each row (greedy, or beam search over `num_beams`), scored by its own log-probabilities; the
+    `no_answer` text adds log P(no_answer)."""
     generated = generate_windows(model, tokenizer, input_ids, attention_mask, max_new_tokens, no_answer,
-                                 encoder_outputs)
+                                 encoder_outputs, num_beams)
     return window_answers(tokenizer, *generated)
 
 
@@ -224,10 +236,10 @@ def collect_answers(questions: Sequence[Question], windows: Mapping[tuple[str, i
 def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question], version: str,
                      max_source_length: int = 512, stride: int | None = 128, batch_size: int = 16,
                      max_new_tokens: int = 32, snap: bool = True, progress: Iterable | None = None,
-                     prompt: str = "flan") -> Answers:
-    """Answer plain questions outside Lightning (predict, export checks): the same windows and choices as
-    validation, in the `prompt` format the model was trained with. Batches are sorted by input length (longest
-    first); answers come back in question order."""
+                     prompt: str = "flan", num_beams: int = 1) -> Answers:
+    """Answer plain questions outside Lightning (predict, export checks): the same windows, decoding (`num_beams`)
+    and choices as validation, in the `prompt` format the model was trained with. Batches are sorted by input length
+    (longest first); answers come back in question order."""
     encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride, prompt=prompt)
     order = sorted(range(len(encoded.ids)), key=lambda i: -len(encoded.input_ids[i]))
     device = next(model.parameters()).device
@@ -239,7 +251,8 @@ def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question],
         batch = collate([{"id": encoded.ids[i], "input_ids": encoded.input_ids[i], "labels": [0]} for i in rows],
                         tokenizer.pad_token_id)
         answers = answer_windows(model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 max_new_tokens, no_answer=no_answer_target(prompt) if version == "v2" else None)
+                                 max_new_tokens, no_answer=no_answer_target(prompt) if version == "v2" else None,
+                                 num_beams=num_beams)
         for i, answer in zip(rows, answers):
             windows[encoded.ids[i], encoded.windows[i]] = answer
     result = collect_answers(questions, windows, snap, spellable_by(tokenizer))

@@ -1,4 +1,4 @@
-"""Validation's metric: every window's greedy answer accumulated as tensors, then one answer per question and the
+"""Validation's metric: every window's answer accumulated as tensors, then one answer per question and the
 official SQuAD scores, as a torchmetrics `Metric`.
 
 SQuAD F1 is not a sum over batches: a question's answer is chosen among its context windows, which may lie in

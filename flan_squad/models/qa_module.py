@@ -1,5 +1,5 @@
-"""The LightningModule: trains a model with teacher forcing and validates by greedy generation, scored with the
-official SQuAD rules.
+"""The LightningModule: trains a model with teacher forcing and validates by generation (greedy, or beam search with
+`eval.num_beams`), scored with the official SQuAD rules.
 
 `BaseModel` (`flan_squad.models.base`) says which weights to start from; a strategy
 (`flan_squad.models.strategies`) turns them into a trainable model; `SquadQAModule` trains it.
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class SquadQAModule(L.LightningModule):
-    """Fine-tunes a seq2seq model on SQuAD prompts; validates by greedy generation + official scoring.
+    """Fine-tunes a seq2seq model on SQuAD prompts; validates by generation + official scoring.
 
     The model itself comes from `strategy.build(base, device)` in `configure_model`, so it is created on
     the device the Trainer chose (needed for 4-bit weights) and the module never branches on strategy.
@@ -33,14 +33,16 @@ class SquadQAModule(L.LightningModule):
 
     def __init__(self, base: BaseModel, strategy, tokenizer, version: str, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, max_new_tokens: int = 32, snap_to_context: bool = True,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, num_beams: int = 1):
         super().__init__()
         if not max_new_tokens >= 1:
             raise ConfigError(f"eval.max_new_tokens={max_new_tokens}: must be a whole number >= 1")
+        if not (isinstance(num_beams, int) and num_beams >= 1):
+            raise ConfigError(f"eval.num_beams={num_beams}: must be a whole number >= 1 (1: greedy)")
         self.base, self.strategy, self.tokenizer, self.version = base, strategy, tokenizer, version
         # conf/module: partials completed with the trainable parameters / the optimizer and its number of steps
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.max_new_tokens, self.snap_to_context = max_new_tokens, snap_to_context
+        self.max_new_tokens, self.snap_to_context, self.num_beams = max_new_tokens, snap_to_context, num_beams
         self.model: nn.Module | None = model  # given: evaluate a model as it is (flan_squad.evaluate)
         self.strict_loading = False  # checkpoints hold the trainable parameters only (see on_save_checkpoint)
         self.validation_answers = SquadAnswers(tokenizer, version, max_new_tokens, snap_to_context)
@@ -124,7 +126,7 @@ class SquadQAModule(L.LightningModule):
         generated = generate_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
                                      self.max_new_tokens,
                                      no_answer=no_answer_target(self.base.prompt) if self.version == "v2" else None,
-                                     encoder_outputs=encoder_outputs)
+                                     encoder_outputs=encoder_outputs, num_beams=self.num_beams)
         self.validation_answers.update(batch["ids"], batch["windows"], *generated)
 
     def on_validation_epoch_end(self) -> None:

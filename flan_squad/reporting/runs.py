@@ -178,8 +178,9 @@ def _trainable_pct(run: Run) -> float | None:
 
 def setting_key(run: Run) -> tuple:
     """What makes two completed runs the same setting: everything the table shows or depends on, not the seed."""
-    return (run.dataset, run.approach, run.lr, run.get("model"), run.get("init"), run.get("train_examples"),
-            run.get("val_examples"), run.get("epochs"), run.get("precision"), run.get("device"))
+    return (run.dataset, run.approach, run.lr, run.get("optimizer"), run.get("model"), run.get("init"),
+            run.get("train_examples"), run.get("val_examples"), run.get("epochs"), run.get("precision"),
+            run.get("device"))
 
 
 def group(runs: list[Run]) -> list[Setting]:

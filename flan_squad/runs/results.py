@@ -38,7 +38,8 @@ def summary(metrics: dict[str, Any], output_dir: Path) -> str:
         f"flan-squad · {metrics['strategy']} · {metrics['model']} ({metrics['init']} init) · {metrics['dataset']}",
         f"  scores     {scores}",
         f"  training   {metrics['train_time_s']:.1f} s, {metrics['train_examples_per_s']:.2f} examples/s, "
-        f"{metrics['train_examples']} questions x {metrics['epochs']} epochs, {metrics['optimizer_steps']} steps",
+        f"{metrics['train_examples']} questions x {metrics['epochs']} epochs"
+        + (" (stopped early)" if metrics.get("stopped_early") else "") + f", {metrics['optimizer_steps']} steps",
         f"  memory     peak {metrics['peak_memory_mb']:.0f} MB training, {metrics['peak_val_memory_mb']:.0f} MB "
         f"validation ({metrics['peak_memory_kind']})",
         f"  parameters {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} ({share:.2f}%)"
