@@ -3,7 +3,8 @@
 From a training run (full model or adapter + base, as trained), or a hub/local model dir (an export, say:
 `model.name_or_path=DIR model.init=pretrained model.tokenizer=null`). One question prints its answer;
 `input_file=` (JSON list or JSONL of `{id, question, context}`) writes `{id: answer}` JSON. Answers go
-through the evaluation path: context windows, best window, snapping ("" means no answer).
+through the evaluation path, with the run's own answering settings (`flan_squad.runs.answering`, as
+`flan_squad.serve` answers): context windows, best window, snapping, the no-answer threshold ("" means no answer).
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.precision import check_precision  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.evaluation.inference import answer_questions  # noqa: E402
-from flan_squad.runs.restore import restore  # noqa: E402
-from flan_squad.data.prompts import UNANSWERABLE
+from flan_squad.runs.answering import Answerer  # noqa: E402
+from flan_squad.data.prompts import UNANSWERABLE  # noqa: E402
 from flan_squad.data.squad import DataError, Question  # noqa: E402
 
 
@@ -76,18 +74,7 @@ def predict(cfg: DictConfig) -> dict[str, str]:
         raise ConfigError("question=... and context=... both need text")
     questions = (read_questions(cfg.input_file) if cfg.input_file
                  else [Question("question", str(cfg.question), str(cfg.context), ())])
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
-    precision = check_precision(cfg.precision, "precision")
-    if precision not in ("bf16-mixed", "32-true", "32"):
-        raise ConfigError(f"precision={precision}: expected bf16-mixed or 32-true")
-    restored = restore(cfg, device)
-    # bf16-mixed as Lightning runs it in evaluation: autocast around the model, weights kept as loaded.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
-                                   cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
-                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context, prompt=restored.base.prompt)
-    return answers.predictions
+    return Answerer.from_config(cfg).answer(questions).predictions
 
 
 register_resolvers()  # conf/ uses them; Hydra resolves the config inside main
