@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from benchmarks import serve_load
 from conftest import SHARED, compose_config, subprocess_env
 from flan_squad.data.squad import read_squad_file
 from flan_squad.evaluation.metrics import apply_threshold, score
@@ -48,12 +45,6 @@ def questions(run_dir):
     return [q for q in read_squad_file(SHARED / "data/squad/v2.0/dev-v2.0.reconstructed.json")[1] if q.id in scored]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(url: str, body: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if body else {})
     try:
@@ -71,30 +62,14 @@ def _ask(url: str, q, **fields) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
     """The server on a free port, as `python -m flan_squad.serve run_dir=...` starts it; killed if a test left it."""
-    where = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(where / "server.log", "w")
+    log = tmp_path_factory.mktemp("server") / "server.log"
     # max_wait_ms: long enough that the concurrent requests below are gathered even on a loaded machine
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flan_squad.serve", f"run_dir={run_dir}", f"port={port}", "precision=32-true",
-         "max_wait_ms=300", f"max_context_chars={MAX_CONTEXT}"],
-        cwd=where, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=subprocess_env())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            if _call(f"{url}/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert process.poll() is None, f"the server exited: {(where / 'server.log').read_text()[-3000:]}"
-        assert time.time() < deadline, f"no server in 240 s: {(where / 'server.log').read_text()[-3000:]}"
-        time.sleep(0.5)
-    yield url, process, where / "server.log"
+    url, process = serve_load.serve([f"run_dir={run_dir}", "precision=32-true", "max_wait_ms=300",
+                                     f"max_context_chars={MAX_CONTEXT}"], log, env=subprocess_env())
+    yield url, process, log
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    log.close()
 
 
 def test_concurrent_answers_are_predicts_and_the_runs_own(server, run_dir, questions, tmp_path, cache_dir):
@@ -151,6 +126,16 @@ def test_bad_requests_get_one_line_and_the_server_goes_on(server, questions):
     assert _call(f"{url}/health")[1]["status"] == "ok"
 
 
+def test_the_load_benchmark_measures_this_server(server, questions):
+    url, _, _ = server
+    before = _call(f"{url}/health")[1]
+    bodies = [{"id": q.id, "question": q.question, "context": q.context} for q in questions[:6]]
+    row = serve_load.load(url, bodies, concurrency=3)
+    assert (row["requests"], row["ok"], row["failed"]) == (6, 6, 0)
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["max_ms"] and row["requests_per_s"] > 0
+    assert row["batches"] > before["batches"]  # what /health counted, read back
+
+
 def test_the_api_schema_and_a_clean_stop(server):
     url, process, log = server
     status, schema = _call(f"{url}/openapi.json")
@@ -175,8 +160,8 @@ def test_a_runs_threshold_answers_as_its_best_f1(run_dir, questions, cache_dir):
     thresholded = apply_threshold(predictions, na_probs, metrics["best_f1_thresh"])
     assert score("v2", questions, thresholded)["f1"] == pytest.approx(metrics["best_f1"])
 
-    answerer = Answerer.from_config(compose_config([f"run_dir={run_dir}", "precision=32-true",
-                                                    "no_answer_threshold=best"], config_name="predict", cache=cache_dir))
+    settings = [f"run_dir={run_dir}", "precision=32-true", "no_answer_threshold=best"]
+    answerer = Answerer.from_config(compose_config(settings, config_name="predict", cache=cache_dir))
     assert answerer.threshold == metrics["best_f1_thresh"]
     answers = answerer.answer(questions)
     assert answers.predictions == {q.id: "" if answers.na_probs[q.id] > answerer.threshold else predictions[q.id]

@@ -8,7 +8,6 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
 from omegaconf import OmegaConf
 
 from wandb.proto import wandb_internal_pb2  # the tracking extra (make test installs it)

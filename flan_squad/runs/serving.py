@@ -17,7 +17,7 @@ import asyncio
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,11 +34,11 @@ class Batcher:
 
     def __init__(self, answer: Callable[[Sequence[Question]], Answers], max_batch: int, max_wait_ms: float):
         self.answer, self.max_batch, self.max_wait_s = answer, max_batch, max_wait_ms / 1000
-        self.queue: Optional[asyncio.Queue] = None
+        self.queue: asyncio.Queue | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
         self.requests = self.batches = 0
 
-    async def submit(self, question: Question) -> tuple[str, Optional[float]]:
+    async def submit(self, question: Question) -> tuple[str, float | None]:
         """The answer to `question` and its no-answer probability (SQuAD v2; else None)."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((question, future))

@@ -127,10 +127,10 @@ def log_results(output_dir: Path, settings: dict[str, Any], completed: bool, job
         if record and not completed:
             return  # the logger's run, which `WandbLogger.finalize` ended with the error
         _require_wandb()
-        run_id = record.get("run_id") or _new_id()
+        run_id, mode = record.get("run_id") or _new_id(), settings.get("mode", "offline")
         run = wandb.init(**_init_settings(output_dir, settings.get("project", "flan-squad"), settings.get("entity"),
-                                          settings.get("mode", "offline"), run_id, job_type))
-        write_json_atomic(output_dir / RUN_FILE, {"run_id": run_id, "project": run.project, "mode": settings.get("mode")})
+                                          mode, run_id, job_type))
+        write_json_atomic(output_dir / RUN_FILE, {"run_id": run_id, "project": run.project, "mode": mode})
     metrics = read_json(output_dir / "metrics.json") if completed else None
     if metrics:
         run.summary.update(metrics)
