@@ -50,8 +50,13 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
+                if not self.queue.empty():  # those already waiting join at once, whatever max_wait_ms
+                    batch.append(self.queue.get_nowait())
+                    continue
+                if loop.time() >= deadline:
+                    break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
             waiting = [(q, f) for q, f in batch if not f.done()]  # a client that hung up cancelled its future
