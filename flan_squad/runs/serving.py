@@ -167,7 +167,7 @@ def make_app(answerer, max_batch: int = 16, max_wait_ms: float = 5, max_context_
         try:
             text, na_prob = await batcher.submit(question)
         except Exception as e:
-            return _error(500, f"answering failed: {type(e).__name__}: {e}".splitlines()[0])
+            return _error(500, f"answering failed: {type(e).__name__}{f': {e}' if str(e) else ''}".splitlines()[0])
         return AnswerResponse(id=request.id, answer=text, no_answer_probability=na_prob)
 
     @app.get("/health")
