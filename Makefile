@@ -1,5 +1,6 @@
 # flan-squad: `make train` runs the offline smoke job, `make test` the test suite, `make bench` the benchmarks,
-# `make compare-cpu` the strategy comparison from a self-trained base (all install first; `make tracking` adds MLflow).
+# `make compare-cpu` the strategy comparison from a self-trained base (all install first; `make tracking` adds MLflow
+# and W&B, `make serving` the HTTP server's FastAPI + uvicorn).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking shared test test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu clean
+.PHONY: install tracking serving shared test test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu clean
 
 install: $(VENV)/.installed
 
@@ -18,12 +19,20 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --constraint constraints-cpu.txt --editable '.[dev]'
 	touch $@
 
-# MLflow (logger=mlflow, the tracking tests' server): the `tracking` extra, kept out of the quick start (`make
-# train`). Measured here: 22 s on top of `make install`'s venv; mlflow alone in an empty venv, 2 min 48 s, 850 MB.
+# MLflow and W&B (logger=mlflow, logger=wandb, their tests): the `tracking` extra, kept out of the quick start (`make
+# train`). Measured here: 22 s on top of `make install`'s venv for mlflow, 20 s more for wandb; mlflow alone in an
+# empty venv, 2 min 48 s, 850 MB.
 tracking: $(VENV)/.tracking
 
 $(VENV)/.tracking: $(VENV)/.installed
 	$(PY) -m pip install --quiet --constraint constraints-cpu.txt --editable '.[dev,tracking]'
+	touch $@
+
+# FastAPI + uvicorn (python -m flan_squad.serve, its tests): the `serve` extra (nothing more once mlflow is there).
+serving: $(VENV)/.serving
+
+$(VENV)/.serving: $(VENV)/.installed
+	$(PY) -m pip install --quiet --constraint constraints-cpu.txt --editable '.[dev,serve]'
 	touch $@
 
 # Runs and tests read the SQuAD files and the FLAN-T5 tokenizer from FLAN_SQUAD_SHARED: check before installing.
@@ -32,7 +41,7 @@ shared:
 		"(SQuAD files + FLAN-T5 tokenizer): put it beside the checkout as ../shared, or set" \
 		"FLAN_SQUAD_SHARED=/path/to/shared" >&2; exit 2; }
 
-test: shared install tracking
+test: shared install tracking serving
 	$(PY) -m pytest tests -m "not slurm"
 
 # Sweeps, a 2-task job and preemption on a one-node SLURM cluster that scripts/local_slurm.sh starts here (as root;

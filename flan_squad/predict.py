@@ -4,7 +4,8 @@ From a training run (full model or adapter + base, as trained), or a hub/local m
 `model.name_or_path=DIR model.init=pretrained model.tokenizer=null`). One question prints its answer;
 `input_file=` (records with a question and a context, and optionally an id: JSONL, a JSON list, CSV or Parquet, the
 columns named by `dataset.columns`; or an official SQuAD file) writes `{id: answer}` JSON. Answers go through the
-evaluation path: context windows, best window, snapping ("" means no answer).
+evaluation path with the run's own answering settings (`flan_squad.runs.answering`, as `flan_squad.serve` answers), and the no-answer
+threshold ("" means no answer).
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.precision import check_precision  # noqa: E402
 from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
 from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.evaluation.inference import answer_questions  # noqa: E402
-from flan_squad.runs.restore import restore  # noqa: E402
+from flan_squad.runs.answering import Answerer  # noqa: E402
 from flan_squad.data.prompts import UNANSWERABLE  # noqa: E402
 from flan_squad.data.records import Columns, read_data_file  # noqa: E402
 from flan_squad.data.squad import Question  # noqa: E402
@@ -42,19 +40,7 @@ def predict(cfg: DictConfig) -> dict[str, str]:
         questions = read_data_file(cfg.input_file, columns, with_answers=False, option="input_file")[1]
     else:
         questions = [Question("question", str(cfg.question), str(cfg.context), ())]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
-    precision = check_precision(cfg.precision, "precision")
-    if precision not in ("bf16-mixed", "32-true", "32"):
-        raise ConfigError(f"precision={precision}: expected bf16-mixed or 32-true")
-    restored = restore(cfg, device)
-    # bf16-mixed as Lightning runs it in evaluation: autocast around the model, weights kept as loaded.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        answers = answer_questions(restored.model, restored.tokenizer, questions, restored.version,
-                                   cfg.dataset.max_source_length, cfg.eval.stride, cfg.batch_size,
-                                   cfg.eval.max_new_tokens, cfg.eval.snap_to_context, prompt=restored.base.prompt,
-                                   num_beams=cfg.eval.num_beams)
-    return answers.predictions
+    return Answerer.from_config(cfg).answer(questions).predictions
 
 
 register_resolvers()  # conf/ uses them; Hydra resolves the config inside main

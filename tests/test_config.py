@@ -18,6 +18,7 @@ from flan_squad.utils.precision import auto_precision
 from flan_squad.models.strategies import Strategy
 from flan_squad.runs.tracking import MLflowLogger
 from flan_squad.data.records import Columns
+from flan_squad.runs.wandb_logger import WandbLogger
 from flan_squad.data.squad import DataError, read_squad_file
 
 
@@ -90,8 +91,14 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
         expected = {"tensorboard": [(TensorBoardLogger, "tensorboard")], "csv": [(CSVLogger, "csv")], "none": [],
                     "mlflow": [(MLflowLogger, "mlflow")],
-                    "tensorboard_mlflow": [(TensorBoardLogger, "tensorboard"), (MLflowLogger, "mlflow")]}
-        assert [(type(x), Path(x.store.store_dir if isinstance(x, MLflowLogger) else x.log_dir)) for x in loggers] == [
+                    "tensorboard_mlflow": [(TensorBoardLogger, "tensorboard"), (MLflowLogger, "mlflow")],
+                    "wandb": [(WandbLogger, "wandb")]}  # W&B makes <save_dir>/wandb/
+
+        def where(x) -> Path:
+            return Path(x.store.store_dir if isinstance(x, MLflowLogger) else
+                        Path(x.save_dir) / "wandb" if isinstance(x, WandbLogger) else x.log_dir)
+
+        assert [(type(x), where(x)) for x in loggers] == [
             (kind, tmp_path / d) for kind, d in expected[option]]
     elif group == "callbacks":
         callbacks = {name: instantiate(c) for name, c in (cfg.callbacks or {}).items()}

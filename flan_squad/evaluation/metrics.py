@@ -94,6 +94,12 @@ def _apply_no_answer_threshold(scores, na_probs, has_answer, threshold):
     }
 
 
+def apply_threshold(predictions: Mapping[str, str], na_probs: Mapping[str, float], threshold: float) -> dict[str, str]:
+    """The answers that the v2 rules score at `na_prob_thresh=threshold`: "" (no answer) where the no-answer
+    probability is above it. At a run's `best_f1_thresh` they score its `best_f1` (unless probabilities tie there)."""
+    return {qid: "" if na_probs[qid] > threshold else answer for qid, answer in predictions.items()}
+
+
 def _eval_dict(exact_scores, f1_scores, qid_list=None) -> dict:
     if not qid_list:
         total = len(exact_scores)

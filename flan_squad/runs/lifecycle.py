@@ -8,7 +8,8 @@
         ...                     #    train or evaluate (signals: runs/signals.py raises RunInterrupted)
         run.complete(metrics, predictions, na_probs, summary)
                                 # 3. results (metrics.json last), status.json "completed", the previous run's files
-                                #    deleted, the MLflow run FINISHED with the results
+                                #    deleted, the MLflow run FINISHED with the results (a W&B run: metrics.json
+                                #    in its summary, runs/wandb_logger.py)
                                 # 4. anything raised inside `with`: a refusal (before `start` has passed its checks)
                                 #    records nothing; an interruption records status.json "interrupted" and keeps
                                 #    the previous run's files aside (the run can be resumed); a failure puts them
@@ -41,6 +42,7 @@ from flan_squad.runs.previous import RUN_FILES, SetAside, refuse_results
 from flan_squad.runs.results import write_results
 from flan_squad.runs.resume import checkpoint_to_resume
 from flan_squad.runs.tracking import MLflowRun, store_of
+from flan_squad.runs.wandb_logger import log_results, settings_of
 from flan_squad.utils.errors import RunDirError, first_line, print_error
 from flan_squad.utils.process import in_multirun, is_rank_zero
 
@@ -62,6 +64,7 @@ class Run:
         self.previous = SetAside(self.output_dir, files)
         store = store_of(cfg) if self.is_rank_zero else None
         self.mlflow = MLflowRun(store, self.output_dir) if store else None
+        self.wandb = settings_of(cfg) if self.is_rank_zero else None  # logger=wandb: its settings
         self.started = False  # the dir is this run's: its checks passed
         self.completed = False
         self.record: dict[str, Any] = {}  # how the run ended: status.json's content, and what MLflow is told
@@ -134,6 +137,12 @@ class Run:
             self._record_failure(self.record)
         if self.mlflow and self.mlflow.run_id:
             self.mlflow.end(self.record)
+        if self.wandb is not None:
+            try:  # tracking must not turn a finished run into a failed one: its files are there
+                job = HydraConfig.get().job.name if HydraConfig.initialized() else "train"
+                log_results(self.output_dir, self.wandb, self.record.get("status") == "completed", job_type=job)
+            except Exception as e:
+                log.error("could not log %s to W&B: %s", self.output_dir, first_line(e))
 
     def _record_failure(self, record: dict[str, Any]) -> None:
         # What is recorded must not hide why the run ended (e.g. a full disk fails these writes too): logged only.

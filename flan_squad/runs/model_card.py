@@ -1,7 +1,8 @@
 """The model card saved with every model: `<run dir>/model/README.md`, and the README.md of an export.
 
-Hugging Face's model-card format: YAML metadata (base model, datasets, library, tags, and a `model-index`
-block with the scores and their split) and a short text: the strategy and its settings, the training data and
+Hugging Face's model-card format, written and parsed back by huggingface_hub's `ModelCard` / `ModelCardData` /
+`EvalResult` (which check the `model-index` block as the hub reads it): metadata (base model, datasets, library, tags,
+and the scores with their split) and a short text: the strategy and its settings, the training data and
 budget, the scores, the command that made the model, and the note every result from random-init or
 self-trained weights must carry. Written from what the run recorded (`metrics.json`, `config.yaml`).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from flan_squad.runs.results import weights_note
 from flan_squad.utils.process import in_multirun
@@ -54,7 +55,7 @@ def write_model_card(directory: str | Path, metrics: dict[str, Any], config: Any
     cfg = OmegaConf.to_container(OmegaConf.create(config), resolve=True) if not isinstance(config, dict) else config
     adapter = (directory / "adapter_config.json").is_file()
     path = directory / CARD
-    path.write_text(_card(metrics, cfg, command, adapter, exported_by), encoding="utf-8")
+    ModelCard(_card(metrics, cfg, command, adapter, exported_by)).save(path)  # parsed first: a bad card fails here
     return path
 
 
@@ -68,21 +69,16 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
     evaluated_on = _evaluated_on(m, dataset)
     tags = ["flan-squad", "question-answering", "t5", str(m.get("strategy"))]
     tags += ["random-init"] if m.get("init") == "random" else []
-    metadata: dict[str, Any] = {
-        **({"base_model": base_id} if base_id else {}),
-        **({"datasets": [dataset["hub_id"]]} if official and dataset.get("hub_id") else {}),
-        "language": ["en"],
-        "library_name": "peft" if adapter else "transformers",
-        "pipeline_tag": "text2text-generation",
-        "tags": tags,
-        "model-index": [{"name": name, "results": [{
-            "task": {"type": "question-answering", "name": "Extractive question answering"},
-            "dataset": {"name": f"SQuAD {m.get('squad_version')} ({m.get('dataset')}): {evaluated_on}",
-                        "type": dataset.get("hub_id") if official else str(m.get("dataset")), "split": "validation"},
-            "metrics": [{"type": kind, "name": title, "value": round(float(m[key]), 2)}
-                        for key, kind, title in SCORES if m.get(key) is not None],
-        }]}],
-    }
+    task = dict(task_type="question-answering", task_name="Extractive question answering",
+                dataset_type=dataset.get("hub_id") if official else str(m.get("dataset")),
+                dataset_name=f"SQuAD {m.get('squad_version')} ({m.get('dataset')}): {evaluated_on}",
+                dataset_split="validation")
+    metadata = ModelCardData(
+        base_model=base_id, datasets=[dataset["hub_id"]] if official and dataset.get("hub_id") else None,
+        language=["en"], library_name="peft" if adapter else "transformers", pipeline_tag="text2text-generation",
+        tags=tags, model_name=name,
+        eval_results=[EvalResult(**task, metric_type=kind, metric_name=title, metric_value=round(float(m[key]), 2))
+                      for key, kind, title in SCORES if m.get(key) is not None])
     train_source = (Path(str(dataset["train_file"])).name if dataset.get("train_file")
                     else f"{dataset.get('hub_id')}[train]")
     settings = ", ".join(f"{k}={v}" for k, v in strategy.items() if not k.startswith("_"))
@@ -95,7 +91,7 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
         scores += f" (answerable F1 {m['HasAns_f1']:.2f}" + (f", unanswerable F1 {m['NoAns_f1']:.2f})"
                                                               if m.get("NoAns_f1") is not None else ")")
     lines = [
-        "---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        "---", metadata.to_yaml(), "---", "",
         f"# {name}", "",
         *([f"> **Note: {note}.**", ""] if note else []),
         f"{'A PEFT adapter' if adapter else 'A sequence-to-sequence model'} for SQuAD {m.get('squad_version')} "
