@@ -43,12 +43,13 @@ LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
 def is_rank_zero() -> bool:
-    """Whether this process is rank 0, before the Trainer exists: Lightning's DDP children are started with RANK /
-    LOCAL_RANK, and each task of a multi-task SLURM job has SLURM_PROCID (read in Lightning's own order)."""
-    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if variable in os.environ:
-            return int(os.environ[variable]) == 0
-    return True
+    """Whether this process is global rank 0, before the Trainer exists. RANK (torchrun) is the global rank; without
+    it, every rank the process was given must be 0: LOCAL_RANK and NODE_RANK (processes Lightning starts, on one
+    node or several), SLURM_PROCID (each task of a SLURM job: on another node SLURM_LOCALID is 0 again)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    ranks = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return all(int(os.environ[variable]) == 0 for variable in ranks if variable in os.environ)
 
 
 # --- one writer ------------------------------------------------------------------------------------------

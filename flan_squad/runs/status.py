@@ -22,6 +22,7 @@ from hydra.core.utils import JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flan_squad.runs.rundir import is_rank_zero
 from flan_squad.utils.errors import RunInterrupted
 from flan_squad.utils.files import write_json_atomic  # torch-free: the report imports this module
 
@@ -50,8 +51,10 @@ class JobStatus(Callback):
             "finished_at": _now(),
         }
         output_dir = Path(config.hydra.runtime.output_dir)
+        writes = is_rank_zero()  # every task of a multi-task SLURM job runs this: the record is rank 0's
         if interrupted:
-            write_json_atomic(output_dir / STATUS_FILE, {**record, **cause.record()})
+            if writes:
+                write_json_atomic(output_dir / STATUS_FILE, {**record, **cause.record()})
             log.error("job %s %s", record["job_num"], cause)
             raise SystemExit(cause.exit_code)
         if failed:
@@ -59,7 +62,8 @@ class JobStatus(Callback):
             record["traceback"] = "".join(traceback.format_exception(error))[-5000:]
             log.error("job %s failed (%s); the sweep goes on and reports it at the end", record["job_num"],
                       record["error"])
-        write_json_atomic(output_dir / STATUS_FILE, record)
+        if writes:
+            write_json_atomic(output_dir / STATUS_FILE, record)
         _free_memory()
 
 
