@@ -263,7 +263,7 @@ def _write(path: Path, data) -> Path:
 
 def test_rank_zero_before_the_trainer_exists_is_global_rank_zero(monkeypatch):
     # A multi-task SLURM job's tasks have only SLURM_PROCID: task 1 must not take (and be refused) the run dir's lock.
-    from flan_squad.runs.rundir import is_rank_zero
+    from flan_squad.utils.ranks import is_rank_zero
 
     for variable in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(variable, raising=False)

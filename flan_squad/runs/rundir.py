@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from flan_squad.utils.errors import RunDirError, _in_multirun, print_error, user_error
+from flan_squad.utils.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ RESULTS = ("metrics.json", "predictions.json", "model", "checkpoints")
 # appends to <job>.log.
 RUN_FILES = (*RESULTS, "na_probs.json", "status.json", "config.yaml", "tensorboard", "csv")
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
-
-
-def is_rank_zero() -> bool:
-    """Whether this process is global rank 0, before the Trainer exists. RANK (torchrun) is the global rank; without
-    it, every rank the process was given must be 0: LOCAL_RANK and NODE_RANK (processes Lightning starts, on one
-    node or several), SLURM_PROCID (each task of a SLURM job: on another node SLURM_LOCALID is 0 again)."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"]) == 0
-    ranks = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-    return all(int(os.environ[variable]) == 0 for variable in ranks if variable in os.environ)
 
 
 # --- one writer ------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from hydra.core.utils import JobStatus as HydraJobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flan_squad.runs.rundir import is_rank_zero
 from flan_squad.utils.errors import RunInterrupted
 from flan_squad.utils.files import write_json_atomic  # torch-free: the report imports this module
+from flan_squad.utils.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 
