@@ -254,7 +254,7 @@ start() {
         sinfo -N -l >&2 || true
         exit 1
     fi
-    sinfo -N
+    sinfo
     echo "local cluster up: export SLURM_CONF=$CONF"
 }
 
@@ -280,7 +280,7 @@ stop() {
 
 status() {
     export SLURM_CONF=$CONF
-    sinfo -N && squeue
+    sinfo && squeue
 }
 
 case "${1:-}" in
