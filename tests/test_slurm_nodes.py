@@ -65,7 +65,8 @@ def test_two_node_job_takes_its_ranks_from_slurm_writes_once_and_trains_as_one_p
                                                                                        one_process):
     sweep, ranks, writes = tmp_path / "two-nodes", tmp_path / "ranks", tmp_path / "writes"
     probes = ["+callbacks.rank._target_=fault_injection.RecordRank", f"+callbacks.rank.folder={ranks}",
-              "+hydra.callbacks.writes._target_=fault_injection.RecordWrites", f"+hydra.callbacks.writes.folder={writes}"]
+              "+hydra.callbacks.writes._target_=fault_injection.RecordWrites",
+              f"+hydra.callbacks.writes.folder={writes}"]
     result = run_sweep(two_nodes, sweep, RUN + TWO_NODES + probes + [f"paths.cache_dir={cache_dir}"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [job] = job_dirs(sweep)
@@ -83,7 +84,8 @@ def test_two_node_job_takes_its_ranks_from_slurm_writes_once_and_trains_as_one_p
     # One writer: rank 0 writes every result, status.json and the model; rank 1 nothing in the run dir.
     assert (writes / "1.writes").read_text() == ""
     written = {line.split()[1] for line in (writes / "0.writes").read_text().splitlines()}
-    assert {"config.yaml", "checkpoints/last.ckpt", "model", "predictions.json", "metrics.json", "status.json"} <= written
+    assert {"config.yaml", "checkpoints/last.ckpt", "model", "predictions.json", "metrics.json",
+            "status.json"} <= written
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
 
     _same_model_and_answers(sweep / "0", one_process)
@@ -106,7 +108,7 @@ def test_preempted_two_node_job_checkpoints_and_resumes_to_the_uninterrupted_wei
     driver.terminate()
     driver.wait(timeout=60)
     interrupted = json.loads((sweep / "0" / "status.json").read_text())
-    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    assert (interrupted["status"], interrupted["signal"], interrupted["exit_code"]) == ("interrupted", "SIGTERM", 143)
     assert 3 <= interrupted["step"] < STEPS and not (sweep / "0" / "metrics.json").exists()
     # Under DDP the processes keep the last rolling checkpoint (every 2 steps) rather than write one at the signal.
     checkpoint_step = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
