@@ -44,8 +44,9 @@ shared:
 test: shared install tracking serving
 	$(PY) -m pytest tests -m "not slurm"
 
-# Sweeps, a 2-task job and preemption on a one-node SLURM cluster that scripts/local_slurm.sh starts here (as root;
-# needs: apt-get install slurm-wlm slurmdbd mariadb-server). Skipped, naming what is missing, without SLURM.
+# Sweeps, a 2-task job and preemption on a one-node SLURM cluster, then a job over 2 nodes and its preemption on a
+# two-node one (scripts/local_slurm.sh [--nodes 2] starts each here, as root; needs: apt-get install slurm-wlm slurmdbd
+# mariadb-server iproute2). Skipped, naming what is missing, without SLURM.
 test-slurm: shared install
 	$(PY) -m pytest tests -m slurm
 

@@ -1,15 +1,20 @@
-"""Callbacks that tests add to a run through Hydra (`+callbacks.name._target_=fault_injection.X`)."""
+"""Callbacks that tests add to a run through Hydra (`+callbacks.name._target_=fault_injection.X`, or for a Hydra
+callback `+hydra.callbacks.name._target_=fault_injection.X`): faults, delays, and records of what each process did."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
 
 
 class SlowSteps(L.Callback):
@@ -71,3 +76,54 @@ class CrashAtStep(L.Callback):
 
 class InjectedCrash(RuntimeError):
     pass
+
+
+class RecordRank(L.Callback):
+    """Writes `<folder>/rank<global rank>.json` once the processes have joined: the ranks and world size Lightning
+    took, from which cluster environment, this process's host and the rendezvous address, beside SLURM's variables."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
+            "world_size": trainer.world_size, "environment": type(trainer.strategy.cluster_environment).__name__,
+            "hostname": socket.gethostname(), "master_addr": os.environ.get("MASTER_ADDR"),
+            **{name: os.environ.get(name) for name in ("SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
+                                                       "SLURM_JOB_NODELIST", "SLURM_NTASKS")},
+        }
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordWrites(Callback):
+    """A Hydra callback: from the start of the job, appends to `<folder>/<SLURM_PROCID>.writes` every file or dir
+    that this process creates, opens for writing, renames into place or removes under the job's run dir (an audit
+    hook: Python-level file operations, which every results, status, checkpoint and model write goes through)."""
+
+    EVENTS = ("open", "os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_job_start(self, config, **kwargs) -> None:
+        run_dir = os.path.abspath(config.hydra.runtime.output_dir) + os.sep
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = os.open(self.folder / f"{os.environ.get('SLURM_PROCID', '0')}.writes",
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        def hook(event: str, args: tuple) -> None:
+            if event not in self.EVENTS:
+                return
+            if event == "open":
+                path, mode, flags = args
+                if not (isinstance(mode, str) and set(mode) & set("wax+") or (flags or 0) & self.WRITE_FLAGS):
+                    return
+            else:
+                path = args[1] if event == "os.rename" else args[0]
+            if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(run_dir):
+                os.write(log, f"{event} {os.path.abspath(path)[len(run_dir):]}\n".encode())
+
+        sys.addaudithook(hook)

@@ -260,14 +260,19 @@ def _write(path: Path, data) -> Path:
     return path
 
 
-def test_rank_zero_is_read_as_lightning_reads_it_before_the_trainer_exists(monkeypatch):
+def test_rank_zero_before_the_trainer_exists_is_global_rank_zero(monkeypatch):
     # A multi-task SLURM job's tasks have only SLURM_PROCID: task 1 must not take (and be refused) the run dir's lock.
     from flan_squad.utils.process import is_rank_zero
 
-    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+    for variable in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(variable, raising=False)
     assert is_rank_zero()
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert not is_rank_zero()
-    monkeypatch.setenv("RANK", "0")  # Lightning's DDP children: RANK first
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of the second node: local rank 0, global rank 1
+    assert not is_rank_zero()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # as Lightning starts it there without SLURM
+    assert not is_rank_zero()
+    monkeypatch.setenv("RANK", "0")  # torchrun's global rank decides alone
     assert is_rank_zero()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from torch.utils.data import DistributedSampler
 
 from flan_squad.data.sampler import LengthGroupedSampler
 
@@ -78,3 +80,19 @@ def test_batches_are_length_homogeneous_on_real_prompts(tokenizer):
     widths = [b["input_ids"].shape[1] for b in batches]
     real = [int(b["attention_mask"].sum()) for b in batches]
     assert sum(w * 8 for w in widths) / sum(real) < 1.05
+
+
+def test_ddp_processes_take_the_order_in_turn(tokenizer):
+    # Lightning shuffles the indices of a training sampler that it wraps for DDP; the data module deals them in turn
+    # itself: a step of 2 processes x 1 question trains on the 2 questions one process accumulates (batches 2k, 2k+1).
+    dm = SquadDataModule(tokenizer, "squad_v1", "v1", "rajpurkar/squad", str(DEV_V1), str(DEV_V1), batch_size=1,
+                         limit_train=12, limit_val=2, seed=3)
+    dm.setup("fit")
+    one_process = [b["ids"][0] for b in dm.train_dataloader()]
+    assert len(one_process) == 12
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)  # Lightning wraps only a sampler that is not one
+        _set_sampler_epoch(loader, 0)
+        assert [b["ids"][0] for b in loader] == one_process[rank::2]

@@ -6,14 +6,12 @@ which turns the skip into a failure)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import compose_config, subprocess_env
+from conftest import compose_config
+from slurm_cluster import array_id, job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 import torch
 from safetensors.torch import load_file
 
@@ -23,74 +21,26 @@ from flan_squad.report import build_report
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = PROJECT_ROOT / "scripts" / "local_slurm.sh"
-TESTS = Path(__file__).parent
-# The launcher's defaults ask for a GPU node; here: one CPU and 2 GB a task.
-CPU_JOBS = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30"]
 SMALL = ["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=8", "trainer.max_epochs=1",
          "eval.max_new_tokens=8"]
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> dict[str, str]:
-    """The environment of a command that talks to the local cluster (started here unless it already runs)."""
-    missing = subprocess.run([str(SCRIPT), "check"], capture_output=True, text=True)
-    if missing.returncode != 0:
-        if os.environ.get("FLAN_SQUAD_REQUIRE_SLURM"):
-            pytest.fail(missing.stderr.strip())
-        pytest.skip(missing.stderr.strip())
-    conf = subprocess.run([str(SCRIPT), "conf"], capture_output=True, text=True, check=True).stdout.strip()
-    env = subprocess_env(SLURM_CONF=conf, OMP_NUM_THREADS="1",
-                         PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), str(TESTS)]))
-    running = subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode == 0
-    if not running:
-        subprocess.run([str(SCRIPT), "start"], check=True, timeout=180)
-    yield env
-    if not running:
-        subprocess.run([str(SCRIPT), "stop"], check=True, timeout=120)
-
-
-def _sacct(env, job_id: str) -> dict[str, tuple[str, str]]:
-    """{job: (state, exit code)} of each job of an array once all have ended (the driver may end a little before
-    SLURM has recorded the last one's end)."""
-    deadline = time.time() + 60
-    while True:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode"],
-                             env=env, capture_output=True, text=True, check=True).stdout
-        states = {line.split("|")[0]: tuple(line.split("|")[1:]) for line in out.splitlines()}
-        if time.time() > deadline or not any(s in ("PENDING", "RUNNING", "COMPLETING") for s, _ in states.values()):
-            return states
-        time.sleep(1)
-
-
-def _sweep(env, sweep: Path, args: list[str], log: Path | None = None):
-    """The sweep's driver (`python -m flan_squad.train -m hydra/launcher=slurm ...`); in the background with `log`."""
-    command = [sys.executable, "-m", "flan_squad.train", "-m", *CPU_JOBS, *args, f"hydra.sweep.dir={sweep}"]
-    if log:
-        with open(log, "w") as out:
-            return subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _job_dirs(sweep: Path) -> list[str]:
-    """submitit's folders, one per SLURM job: `<array id>_<index>`, or `<job id>` for a sweep of one job."""
-    return sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name.replace("_", "").isdigit())
-
-
-def _array_id(sweep: Path) -> str:
-    return _job_dirs(sweep)[0].split("_")[0]
+def slurm() -> dict[str, str]:
+    """The environment of a command that talks to the local one-node cluster (started here unless it already runs)."""
+    with local_cluster(nodes=1) as env:
+        yield env
 
 
 def test_sweep_runs_as_slurm_jobs_and_reports_like_the_local_sweep(slurm, tmp_path, cache_dir, run_entry_point):
     sweep, local = tmp_path / "slurm", tmp_path / "local"
     grid = ["strategy.lr=1e-3,3e-3", f"paths.cache_dir={cache_dir}"]
     # rank=0 is invalid: those 2 of the 6 jobs fail inside their SLURM job, the other 4 complete.
-    result = _sweep(slurm, sweep, SMALL + grid + ["strategy.rank=0,2,4"])
+    result = run_sweep(slurm, sweep, SMALL + grid + ["strategy.rank=0,2,4"])
     assert result.returncode != 0, "a sweep with a failed job must not exit 0"
     assert "strategy.rank=0: must be a whole number > 0" in result.stderr
-    states = _sacct(slurm, _array_id(sweep))
-    assert sorted(states) == [f"{_array_id(sweep)}_{i}" for i in range(6)]
+    states = job_states(slurm, array_id(sweep))
+    assert sorted(states) == [f"{array_id(sweep)}_{i}" for i in range(6)]
     assert all(state == ("COMPLETED", "0:0") for state in states.values()), states  # each job returned its outcome
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/status.json")}
     assert sorted(statuses.values()) == ["completed"] * 4 + ["failed"] * 2
@@ -119,11 +69,11 @@ def test_two_task_job_takes_its_ranks_from_slurm_and_answers_like_one_process(sl
     overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=16",
                  "dataset.limit_val=13", "trainer.max_epochs=1", f"paths.cache_dir={cache_dir}",
                  "trainer.precision=32-true"]
-    result = _sweep(slurm, sweep, overrides + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    result = run_sweep(slurm, sweep, overrides + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                                "hydra.launcher.tasks_per_node=2"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [job] = _job_dirs(sweep)
-    assert _sacct(slurm, job) == {job: ("COMPLETED", "0:0")}
+    [job] = job_dirs(sweep)
+    assert job_states(slurm, job) == {job: ("COMPLETED", "0:0")}
     # Two SLURM tasks, each one Lightning process with its rank from SLURM_PROCID (no process started by Lightning).
     for rank in (0, 1):
         log = (sweep / ".submitit" / job / f"{job}_{rank}_log.err").read_text()
@@ -141,19 +91,6 @@ def test_two_task_job_takes_its_ranks_from_slurm_and_answers_like_one_process(sl
     assert single["f1"] == metrics["f1"] and single["total"] == 13
 
 
-def _wait(condition, what: str, seconds: float, driver: subprocess.Popen, log: Path):
-    deadline = time.time() + seconds
-    while not condition():
-        assert driver.poll() is None, f"the sweep ended before {what}: {log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"no {what} after {seconds} s"
-        time.sleep(0.5)
-
-
-def _step(path: Path) -> int:
-    text = path.read_text().strip() if path.exists() else ""
-    return int(text) if text.isdigit() else -1
-
-
 def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_path, cache_dir, run_entry_point, request):
     sweep = tmp_path / "preempted"
     # 32 questions in batches of 4, 2 epochs: 16 steps, slowed down so the signals land mid-epoch.
@@ -163,10 +100,11 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     slow = ["+callbacks.slow._target_=fault_injection.SlowSteps", "+callbacks.slow.marker=${paths.output_dir}/step",
             "+callbacks.slow.seconds=1"]
     log = tmp_path / "driver.log"
-    driver = _sweep(slurm, sweep, run + slow + ["strategy.lr=1e-3,3e-3"], log)
+    driver = run_sweep(slurm, sweep, run + slow + ["strategy.lr=1e-3,3e-3"], log)
     # Signalled as step 3 starts (or a little later), they stop at step 4-7: mid-epoch, well before its last batch.
-    _wait(lambda: all(_step(sweep / job / "step") >= 3 for job in "01"), "step 3 in both jobs", 600, driver, log)
-    array = _array_id(sweep)
+    wait_until(lambda: all(slow_step(sweep / job / "step") >= 3 for job in "01"), "step 3 in both jobs", 600, driver,
+               log)
+    array = array_id(sweep)
     # Job 0: Lightning's SLURM auto-requeue (what `#SBATCH --signal=USR1@90` sends before a time limit): it requeues
     # the job, SLURM stops it with SIGTERM, and the job starts again. Job 1: SIGTERM alone, as a preemption.
     subprocess.run(["scancel", "--signal=USR1", f"{array}_0"], env=slurm, check=True)
@@ -177,13 +115,13 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
                                text=True).stdout.split()
         return state == ["PENDING", "BeginTime"]
 
-    _wait(pending_after_requeue, "requeue of job 0", 120, driver, log)
+    wait_until(pending_after_requeue, "requeue of job 0", 120, driver, log)
     # SLURM holds a requeued job back for 2 minutes; a cluster would start it when resources allow.
     subprocess.run(["scontrol", "update", f"jobid={array}_0", "StartTime=now"], env=slurm, check=True)
     driver.wait(timeout=600)
     output = log.read_text()
 
-    states = _sacct(slurm, array)
+    states = job_states(slurm, array)
     assert states[f"{array}_0"] == ("COMPLETED", "0:0"), output[-3000:]
     assert states[f"{array}_1"][0] == "FAILED", states  # not COMPLETED 0:0: it did not finish
     assert driver.returncode != 0 and "state: FAILED" in output  # the driver ends, naming the job's state

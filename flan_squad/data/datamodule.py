@@ -13,6 +13,7 @@ from typing import Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
 
 import flan_squad.data.planted as planted
@@ -157,9 +158,14 @@ class SquadDataModule(L.LightningDataModule):
         # Batches grouped by length, padded per batch: the same examples once per epoch as a random
         # sampler, without the ~1.6x padding that random batches of 8 SQuAD prompts carry.
         lengths = [len(ids) for ids in self._train.input_ids]
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+        ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if ranks:
+            # Several processes take the order's indices in turn (Lightning's own wrapper would shuffle them first):
+            # a step of n processes trains on the n batches that one process accumulating n batches would.
+            sampler = DistributedSamplerWrapper(sampler, shuffle=False, **ranks)
         return ResumableDataLoader(
-            Features(self._train), batch_size=self.batch_size,
-            sampler=LengthGroupedSampler(lengths, self.batch_size, self.seed),
+            Features(self._train), batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
             # Worker seeds from a generator of their own, not the global RNG: the global RNG then drives
             # dropout alone, and a resumed run draws the same masks as an uninterrupted one.

@@ -17,8 +17,8 @@ class LengthGroupedSampler(Sampler[int]):
     batches, and shuffle the batches (the one holding the longest example first, so an out-of-memory
     shows up at once; a short last batch stays last, so a `BatchSampler` cuts exactly these batches).
     Batch composition changes every epoch, as with a random sampler; only the padding goes away.
-    Under DDP Lightning wraps it in a non-shuffling DistributedSampler that deals consecutive indices to
-    the ranks in turn, so each rank's batches stay length-grouped.
+    Under DDP the datamodule deals its indices to the processes in turn (a non-shuffling DistributedSampler), so a
+    step of n processes trains on the batches that one process accumulating n batches would.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50):

@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# The variables that carry a process's global rank, in the order Lightning reads them: its own DDP children get
-# RANK / LOCAL_RANK, each task of a multi-task SLURM job SLURM_PROCID, an LSF job JSM_NAMESPACE_RANK.
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-
-
 def is_rank_zero() -> bool:
-    """Whether this process is rank 0 (or the only process): the one that writes a run dir's files."""
-    for variable in RANK_VARIABLES:
-        if variable in os.environ:
-            return int(os.environ[variable]) == 0
-    return True
+    """Whether this process is global rank 0 (or the only process): the one that writes a run dir's files.
+
+    Asked before the Trainer exists (which knows it as `trainer.is_global_zero`). RANK (torchrun) is the global rank;
+    without it, every rank the process was given must be 0: LOCAL_RANK and NODE_RANK (processes Lightning starts, on
+    one node or several), SLURM_PROCID (each task of a SLURM job: on another node SLURM_LOCALID is 0 again).
+    """
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    ranks = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return all(int(os.environ[variable]) == 0 for variable in ranks if variable in os.environ)
 
 
 def in_multirun(hydra_cfg: Any = None) -> bool:
