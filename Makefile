@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking shared test test-slurm train bench parity gpu-check base-cpu compare-cpu clean
+.PHONY: install tracking shared test test-slurm train bench parity gpu-check base-cpu compare-cpu compare-cpu-sweep clean
 
 install: $(VENV)/.installed
 
@@ -61,18 +61,33 @@ gpu-check: shared install
 parity: shared install
 	$(PY) -m benchmarks.parity $(ARGS)
 
-# The CPU comparison with scores that mean something (README "Comparing strategies"): a small T5 trained here from
-# random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it,
-# and the report. COMPARE_DIR=... puts it elsewhere; the base is built once and reused.
-BASE_CPU := outputs/bases/t5-mini-planted/model
+# The CPU comparison with scores that mean something (README "Comparing strategies", docs/comparing.md): a T5 trained
+# here from random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it
+# (3 seeds each, at the lrs `compare-cpu-sweep` chose), the report, and what each strategy costs at flan-t5-base size
+# (random init: cost only). Regenerates $(COMPARE_DOCS). COMPARE_DIR=... keeps the runs elsewhere; the base is built once.
+BASE_CPU := outputs/bases/t5-mid-planted/model
 COMPARE_DIR ?= outputs/multiruns/compare_cpu
+COMPARE_DOCS ?= docs/compare_cpu
+COST_ARGS ?= --models flan_t5_base
 base-cpu: shared install
 	test -f $(BASE_CPU)/config.json || $(PY) -m flan_squad.train experiment=base_cpu
 
 compare-cpu: base-cpu
 	$(PY) -m flan_squad.evaluate experiment=compare_cpu hydra.mode=RUN hydra.run.dir=$(COMPARE_DIR)/base
 	$(PY) -m flan_squad.train experiment=compare_cpu hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
-	$(PY) -m flan_squad.report $(COMPARE_DIR)
+	$(PY) -m flan_squad.report $(COMPARE_DIR) --out $(COMPARE_DOCS)
+	$(PY) -m benchmarks.strategy_cost $(COST_ARGS) --markdown $(COMPARE_DOCS)/cost.md
+	cp $(BASE_CPU)/../metrics.json $(COMPARE_DOCS)/base_metrics.json
+
+# The learning-rate sweep behind experiment=compare_cpu's `compare_lr`: each strategy at three rates, seed 0, scored on
+# the tune split (never the reported one); the report goes to $(COMPARE_DOCS)/sweep.
+SWEEP_LR_full ?= 1e-4,3e-4,1e-3
+SWEEP_LR_lora ?= 3e-4,1e-3,3e-3
+SWEEP_LR_qlora ?= 3e-4,1e-3,3e-3
+compare-cpu-sweep: base-cpu
+	$(foreach s,full lora qlora,$(PY) -m flan_squad.train experiment=compare_cpu dataset.val_split=tune seed=0 \
+		strategy=$(s) strategy.lr=$(SWEEP_LR_$(s)) hydra.sweep.dir=$(COMPARE_DIR)/sweep/$(s) $(ARGS) &&) true
+	$(PY) -m flan_squad.report $(COMPARE_DIR)/sweep --out $(COMPARE_DOCS)/sweep
 
 clean:
 	rm -rf outputs/runs outputs/multiruns outputs/.cache .pytest_cache

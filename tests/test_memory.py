@@ -3,48 +3,24 @@ from the model and optimizer (weights by dtype, gradients, optimizer state), che
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURE, make_strategy
+from conftest import make_strategy
 
+from benchmarks.arithmetic import strategy_bytes, t5_parameters
+from flan_squad.models.base import BaseModel
 from flan_squad.runs.cost import CostMonitor, PeakMemory, memory_account
 
-VOCAB, BUCKETS = 32128, 32
 
+@pytest.mark.parametrize("size, published", [("small", 76_961_152), ("base", 247_577_856), ("large", 783_150_080)])
+def test_the_arithmetic_gives_the_published_flan_t5_sizes(size, published, tmp_path):
+    from omegaconf import OmegaConf
 
-def _t5_shapes(d_model: int, d_kv: int, num_heads: int, d_ff: int, num_layers: int, num_decoder_layers: int) -> dict:
-    """Parameter counts of a gated-gelu T5 with an untied lm_head, from its published layout."""
-    inner = d_kv * num_heads
-    attention = 4 * d_model * inner  # q, k, v, o
-    feed_forward = 3 * d_model * d_ff  # wi_0, wi_1, wo
-    encoder_layer = attention + feed_forward + 2 * d_model  # + 2 layer norms
-    decoder_layer = 2 * attention + feed_forward + 3 * d_model  # self- and cross-attention, 3 layer norms
-    total = (2 * VOCAB * d_model  # shared embedding, lm_head
-             + num_layers * encoder_layer + num_decoder_layers * decoder_layer
-             + 2 * (BUCKETS * num_heads + d_model))  # relative attention bias and final layer norm, each stack
-    attention_blocks = num_layers + 2 * num_decoder_layers
-    return {
-        "total": total,
-        # tensors: shared, lm_head; per encoder layer 4 + 3 linear, 2 norms; per decoder layer 8 + 3, 3; bias, norm x 2
-        "tensors": 2 + 9 * num_layers + 14 * num_decoder_layers + 4,
-        "lora_qv": lambda rank: attention_blocks * 2 * rank * (d_model + inner),  # A (rank x in) + B (out x rank)
-        "lora_tensors": attention_blocks * 2 * 2,
-        # (IA)^3 on k, v (one number per output channel) and wo (one per input channel)
-        "ia3": num_layers * (2 * inner + d_ff) + num_decoder_layers * (4 * inner + d_ff),
-        "ia3_tensors": 3 * num_layers + 5 * num_decoder_layers,
-        # 4-bit: every linear layer of the stacks but wo (T5 keeps it in fp32), by size
-        "quantised": [d_model * inner] * (4 * num_layers + 8 * num_decoder_layers)
-                     + [d_model * d_ff] * (2 * num_layers + 2 * num_decoder_layers),
-    }
+    from flan_squad.utils.config import CONFIG_DIR
 
-
-def _nf4_bytes(n: int) -> int:
-    """One NF4 weight of n values with double quantisation (bitsandbytes, blocks of 64): two values a byte, a uint8
-    absmax per block, its 16-value fp32 code and offset; the absmax's own fp32 absmax per 256 blocks and code."""
-    blocks = math.ceil(n / 64)
-    return n // 2 + blocks + 16 * 4 + 4 + 4 * math.ceil(blocks / 256) + 256 * 4
+    architecture = OmegaConf.load(CONFIG_DIR / "model" / f"flan_t5_{size}.yaml").architecture
+    base = BaseModel(name=size, name_or_path="", init="random", architecture=dict(architecture))
+    assert t5_parameters(base.config())["total"] == published
 
 
 def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -59,21 +35,8 @@ def test_the_account_is_the_bytes_computed_by_hand(name, tiny_base, cpu):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=True)  # conf/module/default.yaml's
     _one_step(model, optimizer)
-    account = memory_account(model, [optimizer])
-
-    shapes = _t5_shapes(**TINY_ARCHITECTURE)
-    trained, tensors = {"full": (shapes["total"], shapes["tensors"]), "ia3": (shapes["ia3"], shapes["ia3_tensors"]),
-                        "lora": (shapes["lora_qv"](16), shapes["lora_tensors"]),
-                        "qlora": (shapes["lora_qv"](16), shapes["lora_tensors"])}[name]
-    frozen_4bit = shapes["quantised"] if name == "qlora" else []
-    fp32_params = shapes["total"] + (trained if name != "full" else 0) - sum(frozen_4bit)
-    expected_weights = {"fp32": 4 * fp32_params, **({"4bit": sum(map(_nf4_bytes, frozen_4bit))} if frozen_4bit else {})}
-    assert account == {
-        "weights": expected_weights,
-        "trainable_params": trained,
-        "gradients": 4 * trained,
-        "optimizer_state": 8 * trained + 4 * tensors,  # AdamW: two fp32 moments, and a step count per tensor
-    }
+    # computed by hand from the architecture alone (benchmarks/arithmetic.py), read from the tensors by the account
+    assert memory_account(model, [optimizer]) == strategy_bytes(tiny_base.config(), name)
 
 
 def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):
@@ -81,7 +44,7 @@ def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # one fp32 buffer per parameter
     assert memory_account(model, [optimizer])["optimizer_state"] == 0  # none before the first step
     _one_step(model, optimizer)
-    assert memory_account(model, [optimizer])["optimizer_state"] == 4 * _t5_shapes(**TINY_ARCHITECTURE)["total"]
+    assert memory_account(model, [optimizer])["optimizer_state"] == 4 * t5_parameters(tiny_base.config())["total"]
 
 
 class _Strategy:
