@@ -89,23 +89,10 @@ def arithmetic(model: str, strategy: str) -> dict:
             "total_mb": mb(sum(counted["weights"].values()) + counted["gradients"] + counted["optimizer_state"])}
 
 
-def machine() -> dict:
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    else:
-        cpu = "?"
-    simd = sorted(f for f in flags.split() if f.startswith(("avx", "amx")))
-    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "memory_gb": round(
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "load_average_at_start": os.getloadavg()}
-
-
 def table(results: dict) -> str:
     """The markdown table: measured beside arithmetic, one row per configuration."""
     m = results["machine"]
-    settings, load = results["settings"], " / ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    settings, load = results["settings"], " / ".join(f"{x:.1f}" for x in m["load_average_at_start"])  # 1, 5, 15 min
     lines = [f"Random-init weights (cost only, never accuracy); {settings['steps']} steps of batch "
              f"{settings['batch_size']} real SQuAD v1.1 questions (inputs up to {settings['max_source_length']} "
              f"tokens) per configuration through `python -m flan_squad.train`; machine: {m['cpu']}, {m['cores']} "
@@ -135,7 +122,9 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    results = {"note": "random-init weights: cost only, never accuracy", "machine": machine(),
+    from benchmarks.bench import machine
+
+    results = {"note": "random-init weights: cost only, never accuracy", "machine": machine("cpu"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "markdown")}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="strategy-cost-") as scratch:
         for model in args.models:
