@@ -84,9 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine(device: str) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    """The CPU (and its vector extensions: bf16 is native only with AVX512-BF16 or AMX), its load, the software."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    info = {"cpu": cpu, "simd": sorted(f for f in flags if f.startswith(("avx", "amx"))), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "device": device}

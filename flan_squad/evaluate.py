@@ -53,6 +53,7 @@ class Validation:
     seconds: float  # trainer.validate: answering and scoring (the data is read and encoded before)
     peak_memory_mb: float
     peak_memory_kind: str
+    memory_before_model_mb: float | None  # what the process held before the model was loaded: not the evaluation's own
 
 
 def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bool = True) -> Validation:
@@ -64,6 +65,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     device = trainer.strategy.root_device
     peak = PeakMemory(device)
     peak.reset()
+    before = peak.current_mb()
     restored = restored or restore(cfg, device)
     datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split, prompt=restored.base.prompt)
     if restored.version != datamodule.version:
@@ -75,7 +77,8 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     started = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - started
-    return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind)
+    return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind,
+                      None if before is None else round(before, 1))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -109,6 +112,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "eval_questions_per_s": round(len(datamodule.val_questions) / max(seconds, 1e-9), 3),
             "peak_memory_mb": v.peak_memory_mb,
             "peak_memory_kind": v.peak_memory_kind,
+            "memory_before_model_mb": v.memory_before_model_mb,
+            "own_peak_memory_mb": None if v.memory_before_model_mb is None
+            else round(v.peak_memory_mb - v.memory_before_model_mb, 1),
             "max_new_tokens": cfg.eval.max_new_tokens,
             "num_beams": cfg.eval.num_beams,
             "stride": cfg.eval.stride,

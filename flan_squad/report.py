@@ -30,7 +30,8 @@ COLUMNS = [
     ("NoAns_f1", "NoAns F1", "max", "{:.2f}"),
     ("train_time_s", "train time (s)", "min", "{:.1f}"),
     ("train_examples_per_s", "examples/s", "max", "{:.2f}"),
-    ("peak_memory_mb", "peak memory (MB)", "min", "{:.0f}"),
+    ("own_peak_memory_mb", "memory, run's own (MB)", "min", "{:.0f}"),
+    ("peak_memory_mb", "raw peak (MB)", None, "{:.0f}"),
     ("optimizer_state_mb", "optimizer state (MB)", "min", "{:.1f}"),
     ("trainable_params", "trainable params", "min", "{:,.0f}"),
     ("trainable_pct", "trainable %", "min", "{:.2f}"),
@@ -45,6 +46,8 @@ def best_values(settings: list[Setting]) -> dict[tuple[str, str], float]:
         if len(rows) < 2:
             continue
         for key, _, better, _ in COLUMNS:
+            if better is None:
+                continue
             means = [m for m in (s.mean(key) for s in rows) if m is not None]
             if len(means) >= 2 and max(means) > min(means):  # all equal: nothing to single out
                 best[(dataset, key)] = max(means) if better == "max" else min(means)
@@ -92,9 +95,41 @@ def table_rows(settings: list[Setting]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# The account of the run's own training peak (metrics.json "memory_account", flan_squad.runs.cost): weights by dtype,
+# then these; "rest" is the own peak less all of them.
+ACCOUNT = [("memory_account.gradients_mb", "gradients"), ("memory_account.optimizer_state_mb", "optimizer state"),
+           ("memory_account.rest_mb", "rest: activations, workspace")]
+
+
+def weight_kinds(settings: list[Setting]) -> list[str]:
+    """The dtypes the runs' weights are held in (4bit, bf16, fp32, ...), from their memory accounts."""
+    return sorted({kind for s in settings for r in s.runs for kind in (r.get("memory_account.weights_mb") or {})})
+
+
+def account_rows(settings: list[Setting]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the memory account table: the trained runs that have one."""
+    kinds = weight_kinds(settings)
+    header = ["dataset", "approach", "lr", "memory, run's own (MB)", *(f"weights {k}" for k in kinds),
+              *(title for _, title in ACCOUNT)]
+    rows = []
+    for s in settings:
+        if s.status != "completed" or not s.values("memory_account.gradients_mb"):
+            continue
+        run = s.first
+        keys = ["own_peak_memory_mb", *(f"memory_account.weights_mb.{k}" for k in kinds), *(k for k, _ in ACCOUNT)]
+        rows.append([run.dataset, run.approach, f"{run.lr:g}" if isinstance(run.lr, (int, float)) else "–",
+                     *(_cell(s, key, "{:.0f}", None) for key in keys)])
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    escape = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return (["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+            + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows])
+
+
 def markdown(settings: list[Setting], sources: list[str]) -> str:
     header, rows = table_rows(settings)
-    escape = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["# flan-squad: strategy comparison", ""]
     completed = [r for s in settings if s.status == "completed" for r in s.runs]
     if any(r.get("init") == "random" for r in completed):
@@ -102,21 +137,35 @@ def markdown(settings: list[Setting], sources: list[str]) -> str:
                   "accuracy; time, throughput, memory and parameter counts are real.", ""]
     kinds = sorted({str(r.get("peak_memory_kind")) for r in completed if r.get("peak_memory_kind")})
     lines += [f"Runs from: {', '.join(sources)}. Best value per dataset in **bold**; mean ± std over seeds. "
-              f"Peak memory: {' / '.join(kinds) or 'n/a'} (rss = peak resident set on CPU, "
-              f"cuda_max_allocated on GPU).", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+              f"Peak memory: {' / '.join(kinds) or 'n/a'} (rss = peak resident set on CPU, cuda_max_allocated on GPU); "
+              f"the run's own is the training peak above what the process held just before the model was built (the "
+              f"interpreter, torch, the data); a base model's row: its evaluation's.", ""]
+    lines += _markdown_table(header, rows)
+    account_header, account = account_rows(settings)
+    if account:
+        lines += ["", "Memory account of the run's own training peak (MB; mean ± std over seeds): weights by dtype, "
+                  "gradients and optimizer state read from the model and optimizer; the rest is the peak less them.",
+                  "", *_markdown_table(account_header, account)]
     return "\n".join(lines) + "\n"
+
+
+def _csv_name(key: str) -> str:
+    """A CSV column for a metrics.json key: the account's flattened ("memory_account.weights_mb.fp32" ->
+    "weights_fp32_mb")."""
+    parts = key.split(".")
+    return f"weights_{parts[2]}_mb" if parts[:2] == ["memory_account", "weights_mb"] else parts[-1]
 
 
 def csv_text(settings: list[Setting]) -> str:
     out = io.StringIO()
-    keys = [key for key, _, _, _ in COLUMNS]
+    keys = [key for key, _, _, _ in COLUMNS] + ["memory_before_model_mb", "own_peak_val_memory_mb"]
+    keys += [f"memory_account.weights_mb.{k}" for k in weight_kinds(settings)] + [k for k, _ in ACCOUNT]
     writer = csv.writer(out)
     writer.writerow(["dataset", "approach", "strategy", "capacity", "capacity_value", "lr", "optimizer", "n_runs",
                      "seeds",
                      "status", "error",
-                     *[k for key in keys for k in (key, f"{key}_std")], "model", "init", "runs"])
+                     *[name for key in keys for name in (_csv_name(key), f"{_csv_name(key)}_std")],
+                     "model", "init", "runs"])
     for s in settings:
         run = s.first
         stats = [v if v is not None else "" for key in keys for v in (s.mean(key), s.std(key))]

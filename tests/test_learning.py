@@ -187,3 +187,35 @@ def test_decoy_task_asks_for_one_kind_and_plants_another_in_unanswerable_questio
                 assert planted != [kind]  # a decoy: a code of another kind
         unanswerable = sum(not q.answers for q in questions) / n
         assert 0.2 < unanswerable < 0.45
+
+
+def test_the_comparisons_decoy_task_chooses_learning_rates_apart_from_what_it_reports(tmp_path, tokenizer):
+    """dataset=decoy_v2 (make compare-cpu): train, tune (where learning rates are chosen) and dev (where results are
+    reported) on disjoint paragraphs. With a tune split, dev comes from the other half of the paragraphs held out from
+    training (the learning check's files, without one, keep all of them); train is the same either way."""
+    from flan_squad.data.datamodule import PlantedDataModule
+    from flan_squad.data.planted import DECOY_SIZES, build_short_decoy, paragraphs
+    from flan_squad.utils.errors import ConfigError
+
+    contexts = {}
+    for split in ("validation", "tune"):
+        dm = PlantedDataModule(cache_dir=str(tmp_path), shared_dir=str(SHARED), version="v2", task="decoy",
+                               val_split=split, name="decoy_v2", hub_id="", tokenizer=tokenizer, max_source_length=128,
+                               max_target_length=8)
+        dm.setup("fit")
+        assert len(dm.train_questions) == DECOY_SIZES["train"] and len(dm.val_questions) == 300
+        contexts["train"] = {q.context for q in dm.train_questions}
+        contexts[split] = {q.context for q in dm.val_questions}
+    opening = {p: i for i, p in enumerate(paragraphs(SHARED))}
+    pools = {split: {next(p for p in opening if p in c) for c in cs} for split, cs in contexts.items()}
+    assert not pools["train"] & pools["tune"] and not pools["train"] & pools["validation"]
+    assert not pools["tune"] & pools["validation"]
+    assert (build_short_decoy(tmp_path / "a", SHARED) / "dev.json").read_bytes() != (
+        build_short_decoy(tmp_path / "b", SHARED, tune=100) / "dev.json").read_bytes()
+    assert (build_short_decoy(tmp_path / "a", SHARED) / "train.json").read_bytes() == (
+        build_short_decoy(tmp_path / "b", SHARED, tune=100) / "train.json").read_bytes()
+    for bad in ({"task": "decoy", "version": "v1"}, {"task": "other", "version": "v2"},
+                {"task": "planted", "version": "v2", "val_split": "tune"}):
+        with pytest.raises(ConfigError, match="dataset.task|dataset.val_split"):
+            PlantedDataModule(cache_dir=str(tmp_path), shared_dir=str(SHARED), name="x", hub_id="", tokenizer=tokenizer,
+                              **{"val_split": "validation", **bad})

@@ -32,7 +32,10 @@ def make_run(root: Path, name: str, strategy: str, f1: float, *, dataset: str = 
     metrics = {"exact": f1 / 2, "f1": f1, "total": 100, "strategy": strategy, "model": "t5-tiny", "init": "random",
                "dataset": dataset, "squad_version": dataset[-2:], "trainable_params": trainable,
                "total_params": 10_000_000, "params_4bit": 0, "train_time_s": seconds,
-               "train_examples_per_s": 480 / seconds, "peak_memory_mb": memory, "peak_memory_kind": "rss",
+               "train_examples_per_s": 480 / seconds, "peak_memory_mb": memory + 600, "peak_memory_kind": "rss",
+               "memory_before_model_mb": 600.0, "own_peak_memory_mb": memory,
+               "memory_account": {"weights_mb": {"fp32": 40.0}, "gradients_mb": 40.0 if strategy == "full" else 0.1,
+                                  "optimizer_state_mb": 80.0 if strategy == "full" else 0.2, "rest_mb": memory - 120},
                "train_examples": 240, "val_examples": 100, "epochs": 2, "batch_size": 16, "lr": lr, "seed": seed,
                "precision": "32-true", "device": "cpu", **(optimizer or {})}
     if recorded:
@@ -96,7 +99,7 @@ def test_failed_job_and_mixed_datasets(tmp_path, capsys):
     table = (sweep / "report" / "results.md").read_text()
     assert printed.out.startswith(table)  # the table goes to the terminal too
     assert "failed: ValueError: strategy.rank=0: must be > 0" in table and "failed" in printed.err
-    lines = [line for line in table.splitlines() if line.startswith("| squad")]
+    lines = [line for line in table.split("Memory account")[0].splitlines() if line.startswith("| squad")]
     # a failed run recorded no approach: its strategy and the settings it was given label it
     assert [line.split(" | ")[1] for line in lines] == ["full", "lora r=16", "qlora r=16", "qlora rank=0"]
     assert lines[-1].split(" | ")[0] == "| squad_v1" and "failed" in lines[-1]  # failed rows last
@@ -106,7 +109,8 @@ def test_failed_job_and_mixed_datasets(tmp_path, capsys):
     col = header.split(" | ").index
     # Best per dataset: full wins F1 on v1, lora wins memory and time; the lone v2 row is not "best" of anything.
     assert full[col("F1")] == "**12.00**" and lora[col("F1")] == "8.00"
-    assert lora[col("peak memory (MB)")] == "**900**" and full[col("peak memory (MB)")] == "2000"
+    assert lora[col("memory, run's own (MB)")] == "**900**" and full[col("memory, run's own (MB)")] == "2000"
+    assert full[col("raw peak (MB)")] == "2600"  # the whole process's, beside it: never singled out
     assert lora[col("train time (s)")] == "**50.0**" and "**" not in lines[2]
     assert v2[col("HasAns F1")] == f"{7.0 / 3:.2f}" and full[col("HasAns F1")] == "–"
     assert "random init (scores meaningless)" in lines[0] and "Random-init runs" in table
@@ -131,6 +135,29 @@ def test_runs_with_other_optimizers_are_other_settings_with_their_state_memory(t
     assert rows["AdamW"][header.index("optimizer state (MB)")] == "2.0"
     assert [r["optimizer"] for r in csv.DictReader((sweep / "report" / "results.csv").open())] == ["AdamW8bit",
                                                                                                    "AdamW"]
+
+
+def test_memory_is_the_runs_own_with_its_account_beside_and_the_plot_follows(tmp_path):
+    from flan_squad.reporting.plots import memory_axis
+
+    for seed, memory in [(1, 2000.0), (2, 2100.0)]:
+        make_run(tmp_path, f"full_{seed}", "full", 12.0, rank=None, lr=5e-5, memory=memory, seed=seed)
+    make_run(tmp_path, "lora", "lora", 8.0, memory=900.0)
+    out, settings, _ = build_report([str(tmp_path)])
+    table = (out / "results.md").read_text()
+    account = table[table.index("Memory account"):].splitlines()
+    header = next(line for line in account if line.startswith("| dataset")).split(" | ")
+    full = next(line for line in account if "| full |" in line).split(" | ")
+    assert header[3:] == ["memory, run's own (MB)", "weights fp32", "gradients", "optimizer state",
+                          "rest: activations, workspace |"]
+    assert full[3:] == ["2050 ± 71", "40 ± 0", "40 ± 0", "80 ± 0", "1930 ± 71 |"]  # mean ± sd over the two seeds
+    rows = {r["approach"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["full"]["own_peak_memory_mb"]) == 2050.0 and float(rows["full"]["peak_memory_mb"]) == 2650.0
+    assert float(rows["lora r=16"]["weights_fp32_mb"]) == 40.0 and float(rows["lora r=16"]["rest_mb"]) == 780.0
+    assert memory_axis(settings)[0] == "own_peak_memory_mb"
+    for run in settings[0].runs + settings[1].runs:  # runs from before the own peak was recorded: the whole process's
+        del run.metrics["own_peak_memory_mb"]
+    assert memory_axis(settings)[0] == "peak_memory_mb"
 
 
 def _assert_real_png(path: Path) -> None:

@@ -29,22 +29,28 @@ def compose_with_hydra(overrides: list[str]):
 def test_compare_presets_are_multiruns_over_the_three_strategies(preset):
     cfg = compose_with_hydra([f"experiment={preset}"])
     assert cfg.hydra.mode == RunMode.MULTIRUN
-    assert cfg.hydra.sweeper.params == {"strategy": "full,lora,qlora"}
-    assert cfg.seed == 42
     if preset == "compare":  # the reference setup
+        assert cfg.hydra.sweeper.params == {"strategy": "full,lora,qlora"} and cfg.seed == 42
         assert cfg.model.name_or_path == "google/flan-t5-base" and cfg.model.init == "pretrained"
         assert cfg.dataset.name == "squad_v1" and cfg.dataset.limit_train is None
         assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 3 and cfg.trainer.accelerator == "gpu"
-    else:  # the self-trained base (experiment=base_cpu builds it), on the v2-style planted task
-        assert cfg.model.name_or_path.endswith("outputs/bases/t5-mini-planted/model") and cfg.model.init == "pretrained"
-        assert "not FLAN-T5" in cfg.model.note and cfg.dataset.name == "planted_v2"
+    else:  # the self-trained base (experiment=base_cpu builds it), 3 seeds, on the decoy task
+        assert cfg.hydra.sweeper.params == {"strategy": "full,lora,qlora", "seed": "0,1,2"}
+        assert cfg.model.name_or_path.endswith("outputs/bases/t5-mid-planted/model") and cfg.model.init == "pretrained"
+        assert "not FLAN-T5" in cfg.model.note and cfg.dataset.name == "decoy_v2"
+        assert cfg.dataset.val_split == "validation"  # the lrs were chosen on "tune"
         assert cfg.trainer.accelerator == "cpu" and cfg.dataset.limit_train
         base = compose_with_hydra(["experiment=base_cpu"])
         assert base.hydra.run.dir == str(Path(cfg.model.name_or_path).parent)  # the base run saves it there
         assert base.model.init == "random" and base.model.architecture == cfg.model.architecture
-    for strategy in ("full", "lora", "qlora"):  # each job keeps its strategy's own learning rate
-        job = compose_with_hydra([f"experiment={preset}", f"strategy={strategy}"])
-        assert job.strategy.lr == compose_with_hydra([f"strategy={strategy}"]).strategy.lr
+        assert base.dataset.name == "planted_v1"  # never an unanswerable question, nor a code of another kind
+    for strategy in ("full", "lora", "qlora"):  # each job trains at its strategy's own learning rate
+        job = compose_config([f"experiment={preset}", f"strategy={strategy}"])
+        own = compose_with_hydra([f"strategy={strategy}"]).strategy.lr
+        expected = cfg.compare_lr[strategy] if preset == "compare_cpu" else own
+        assert job.strategy.lr == expected
+        # ... unless the command line sets one (compare-cpu-sweep)
+        assert compose_config([f"experiment={preset}", f"strategy={strategy}", "strategy.lr=0.5"]).strategy.lr == 0.5
 
 
 def test_search_presets_compose():

@@ -55,6 +55,12 @@ def test_smoke_run_writes_complete_results(strategy, dataset, tmp_path, cache_di
     # model adds far less than 1 GB to what the process held before, and a figure in kB would be ~1000x that)
     assert 0.9 * rss_before <= on_disk["peak_memory_mb"] <= rss_before + 1024
     assert on_disk["peak_memory_kind"] == "rss"
+    # the run's own: above what the process held before the model was built, which holds the model's account
+    own, account = on_disk["own_peak_memory_mb"], on_disk["memory_account"]
+    assert own == pytest.approx(on_disk["peak_memory_mb"] - on_disk["memory_before_model_mb"], abs=0.2)
+    held = sum(account["weights_mb"].values()) + account["gradients_mb"] + account["optimizer_state_mb"]
+    assert held <= own and account["rest_mb"] == pytest.approx(own - held, abs=0.3)
+    assert ("4bit" in account["weights_mb"]) == (strategy == "qlora")
     assert 0 < on_disk["train_time_s"] < wall
     assert 0 < on_disk["trainable_params"] <= on_disk["total_params"]
     # predictions.json is what was scored: the official rules on it give metrics.json's figures

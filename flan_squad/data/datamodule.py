@@ -187,18 +187,31 @@ class SquadDataModule(L.LightningDataModule):
 
 class PlantedDataModule(SquadDataModule):
     """The planted-facts task (`flan_squad.data.planted`): official-format files that `prepare_data` generates
-    (seeded) under `cache_dir` on first use, then read like any SQuAD file."""
+    (seeded) under `cache_dir` on first use, then read like any SQuAD file. `task=decoy` (v2 only) is the decoy
+    variant, whose `val_split=tune` is where learning rates are chosen (dev: where results are reported)."""
 
-    def __init__(self, cache_dir: str, shared_dir: str, version: str, **kwargs):
-        self.planted_dir, self.shared_dir = planted.directory(cache_dir), shared_dir
+    def __init__(self, cache_dir: str, shared_dir: str, version: str, task: str = "planted", **kwargs):
+        if task not in ("planted", "decoy") or (task == "decoy" and version != "v2"):
+            raise ConfigError(f"dataset.task={task!r}: expected 'planted' or, with version v2, 'decoy'")
+        self.task, self.shared_dir = task, shared_dir
+        self.planted_dir = planted.directory(cache_dir) / ("decoy" if task == "decoy" else "")
+        files = self.planted_dir / ("" if task == "decoy" else version)
+        split = kwargs.get("val_split", "validation")
+        if split not in ("validation", "tune") or (split == "tune" and task != "decoy"):
+            raise ConfigError(f"dataset.val_split={split!r}: the {task} task has 'validation'"
+                              + (" and 'tune'" if task == "decoy" else ""))
         kwargs.setdefault("train_file", None)
         kwargs.setdefault("validation_file", None)
-        kwargs["train_file"] = kwargs["train_file"] or str(self.planted_dir / version / "train.json")
-        kwargs["validation_file"] = kwargs["validation_file"] or str(self.planted_dir / version / "dev.json")
+        kwargs["train_file"] = kwargs["train_file"] or str(files / "train.json")
+        kwargs["validation_file"] = (kwargs["validation_file"]
+                                     or str(files / ("tune.json" if split == "tune" else "dev.json")))
         super().__init__(version=version, **kwargs)
 
-    def prepare_data(self) -> None:
-        planted.build(self.planted_dir, self.shared_dir)  # writes only the files that are missing
+    def prepare_data(self) -> None:  # writes only the files that are missing
+        if self.task == "decoy":
+            planted.build_decoy_task(self.planted_dir, self.shared_dir)
+        else:
+            planted.build(self.planted_dir, self.shared_dir)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # callers outside a Trainer (evaluate, benchmarks) set up without prepare_data

@@ -119,14 +119,31 @@ def build_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, 
     return Path(out_dir)
 
 
-def build_short_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, dev: int = 200) -> Path:
+def build_short_decoy(out_dir: str | Path, shared_dir: str | Path, train: int = 2000, dev: int = 200,
+                      tune: int = 0) -> Path:
     """Write {train,dev}.json of the decoy variant on the planted task's short contexts (each paragraph's opening
     sentence, ~40 tokens with the fact: fast to train on), train and dev on disjoint paragraphs: the learning
-    check of unanswerable questions (tests/test_learning.py)."""
+    check of unanswerable questions (tests/test_learning.py) and the strategy comparison (`dataset=decoy_v2`).
+    With `tune`, also tune.json, where learning rates are chosen: on half of the paragraphs held out from training,
+    and dev on the other half, so no choice is made on the questions (nor the contexts) that are reported."""
     texts = paragraphs(shared_dir)
     split_at = len(texts) * 4 // 5
+    held_out = texts[split_at:]
+    tune_pool, dev_pool = (held_out[: len(held_out) // 2], held_out[len(held_out) // 2:]) if tune else ([], held_out)
     write_json_atomic(Path(out_dir) / "train.json", make_decoy_split(texts[:split_at], train, 1, "t"))
-    write_json_atomic(Path(out_dir) / "dev.json", make_decoy_split(texts[split_at:], dev, 2, "d"))
+    write_json_atomic(Path(out_dir) / "dev.json", make_decoy_split(dev_pool, dev, 2, "d"))
+    if tune:
+        write_json_atomic(Path(out_dir) / "tune.json", make_decoy_split(tune_pool, tune, 3, "u"))
+    return Path(out_dir)
+
+
+DECOY_SIZES = {"train": 2000, "tune": 300, "dev": 300}  # dataset=decoy_v2
+
+
+def build_decoy_task(out_dir: str | Path, shared_dir: str | Path) -> Path:
+    """Write {train,tune,dev}.json of `dataset=decoy_v2` under `out_dir`, unless there already."""
+    if not all((Path(out_dir) / f"{split}.json").exists() for split in DECOY_SIZES):
+        build_short_decoy(out_dir, shared_dir, **DECOY_SIZES)
     return Path(out_dir)
 
 
@@ -147,7 +164,8 @@ def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
 def directory(cache_dir: str | Path) -> Path:
     """Where the files live under the cache dir, named by everything they depend on (a change to the generator
     builds new ones). Computing it writes nothing: `PlantedDataModule.prepare_data` builds the files."""
-    spec = json.dumps([SOURCE, KINDS, WORDS, SIZES, SENTENCES_KEPT, UNANSWERABLE_SHARE, Path(__file__).read_text()])
+    spec = json.dumps([SOURCE, KINDS, WORDS, SIZES, SENTENCES_KEPT, UNANSWERABLE_SHARE, DECOY_SIZES,
+                       Path(__file__).read_text()])
     return Path(cache_dir) / "planted" / hashlib.sha1(spec.encode()).hexdigest()[:10]
 
 

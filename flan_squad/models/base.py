@@ -43,7 +43,7 @@ def _hub_hint(what: str, name: str, error: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"the {what} directory {name} does not exist. Offline runs read the FLAN-T5 tokenizer and SQuAD "
             f"files from paths.shared_dir (../shared beside the checkout): put that folder there, or set "
-            f"FLAN_SQUAD_SHARED=/path/to/shared. A base trained here is built first: model=t5_mini_planted by "
+            f"FLAN_SQUAD_SHARED=/path/to/shared. A base trained here is built first: model=t5_mid_planted by "
             f"`make base-cpu` (python -m flan_squad.train experiment=base_cpu)."
         )
     return ModelLoadError(

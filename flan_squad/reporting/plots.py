@@ -35,13 +35,21 @@ def write_plots(settings: list[Setting], out: Path) -> list[Path]:
     done = [s for s in settings if s.status == "completed"]
     colours = _colours({s.first.strategy for s in done})
     written = [
-        _scatter(done, "peak_memory_mb", "peak memory (MB)", out / "f1_vs_memory.png", colours),
+        _scatter(done, *memory_axis(done), out / "f1_vs_memory.png", colours),
         _scatter(done, "train_time_s", "training time (s)", out / "f1_vs_time.png", colours),
     ]
     curves = _learning_curves([r for s in done for r in s.runs], out / "learning_curves.png", colours)
     capacities = sorted({s.first.capacity["key"] for s in done if s.first.capacity})
     heat = [_heatmap(done, key, out / f"heatmap_lr_{key}.png") for key in capacities]
     return written + [p for p in (curves, *heat) if p is not None]
+
+
+def memory_axis(settings: list[Setting]) -> tuple[str, str]:
+    """(key, label) of the memory plotted: the run's own peak (above what the process held before the model was
+    built), or for runs that did not record it the whole process's."""
+    if any(s.values("own_peak_memory_mb") for s in settings):
+        return "own_peak_memory_mb", "peak memory, the run's own (MB)"
+    return "peak_memory_mb", "peak memory of the whole process (MB)"
 
 
 # Marker shapes within a strategy's colour, one per setting; past these, the same shapes again, hollow.

@@ -37,7 +37,13 @@ class Run:
     error: str = ""
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.metrics.get(key, default)
+        """A value of metrics.json; "a.b" reads inside a nested record (e.g. "memory_account.gradients_mb")."""
+        value: Any = self.metrics
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return default
+            value = value[part]
+        return value
 
     @property
     def strategy(self) -> str:

@@ -40,12 +40,36 @@ def summary(metrics: dict[str, Any], output_dir: Path) -> str:
         f"  training   {metrics['train_time_s']:.1f} s, {metrics['train_examples_per_s']:.2f} examples/s, "
         f"{metrics['train_examples']} questions x {metrics['epochs']} epochs"
         + (" (stopped early)" if metrics.get("stopped_early") else "") + f", {metrics['optimizer_steps']} steps",
-        f"  memory     peak {metrics['peak_memory_mb']:.0f} MB training, {metrics['peak_val_memory_mb']:.0f} MB "
-        f"validation ({metrics['peak_memory_kind']})",
+        *memory_lines(metrics),
         f"  parameters {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} ({share:.2f}%)"
         + (f"; {metrics['params_4bit']:,} stored in 4-bit" if metrics.get("params_4bit") else ""),
         f"  artefacts  {output_dir}",
     ], metrics)
+
+
+def memory_lines(metrics: dict[str, Any]) -> list[str]:
+    """The summary's memory: the run's own peaks (above what the process held before the model was built), the raw
+    ones, and the account of the training peak."""
+    kind = metrics["peak_memory_kind"]
+    own, own_val = metrics.get("own_peak_memory_mb"), metrics.get("own_peak_val_memory_mb")
+    if own is None:
+        return [f"  memory     peak {metrics['peak_memory_mb']:.0f} MB training, "
+                f"{metrics['peak_val_memory_mb']:.0f} MB validation ({kind})"]
+    lines = [f"  memory     the run's own: {own:.0f} MB training, {own_val:.0f} MB validation ({kind} above "
+             f"{metrics['memory_before_model_mb']:.0f} MB held before the model; peaks {metrics['peak_memory_mb']:.0f}"
+             f" and {metrics['peak_val_memory_mb']:.0f} MB)"]
+    account = metrics.get("memory_account")
+    if account:
+        weights = account["weights_mb"]
+        by_dtype = ", ".join(f"{kind} {_mb(mb)}" for kind, mb in weights.items())
+        lines.append(f"  account    weights {_mb(sum(weights.values()))} MB ({by_dtype}) + gradients "
+                     f"{_mb(account['gradients_mb'])} + optimizer state {_mb(account['optimizer_state_mb'])} + "
+                     f"the rest (activations, workspace) {_mb(account['rest_mb'])} MB")
+    return lines
+
+
+def _mb(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"  # a LoRA's gradients are a fraction of a MB
 
 
 def write_results(output_dir: Path, predictions: dict[str, str], na_probs: dict[str, float] | None,

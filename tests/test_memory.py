@@ -1,0 +1,94 @@
+"""The memory that is a run's own: the peak above what the process held before the model was built, and its account
+from the model and optimizer (weights by dtype, gradients, optimizer state), checked against bytes computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_strategy
+
+from benchmarks.arithmetic import strategy_bytes, t5_parameters
+from flan_squad.models.base import BaseModel
+from flan_squad.runs.cost import CostMonitor, PeakMemory, memory_account
+
+
+@pytest.mark.parametrize("size, published", [("small", 76_961_152), ("base", 247_577_856), ("large", 783_150_080)])
+def test_the_arithmetic_gives_the_published_flan_t5_sizes(size, published, tmp_path):
+    from omegaconf import OmegaConf
+
+    from flan_squad.utils.config import CONFIG_DIR
+
+    architecture = OmegaConf.load(CONFIG_DIR / "model" / f"flan_t5_{size}.yaml").architecture
+    base = BaseModel(name=size, name_or_path="", init="random", architecture=dict(architecture))
+    assert t5_parameters(base.config())["total"] == published
+
+
+def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    ids = torch.randint(2, 100, (2, 8))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, :3].contiguous()).loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "qlora", "ia3"])
+def test_the_account_is_the_bytes_computed_by_hand(name, tiny_base, cpu):
+    model = make_strategy(name).build(tiny_base, cpu)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=True)  # conf/module/default.yaml's
+    _one_step(model, optimizer)
+    # computed by hand from the architecture alone (benchmarks/arithmetic.py), read from the tensors by the account
+    assert memory_account(model, [optimizer]) == strategy_bytes(tiny_base.config(), name)
+
+
+def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):
+    model = make_strategy("full").build(tiny_base, cpu)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # one fp32 buffer per parameter
+    assert memory_account(model, [optimizer])["optimizer_state"] == 0  # none before the first step
+    _one_step(model, optimizer)
+    assert memory_account(model, [optimizer])["optimizer_state"] == 4 * t5_parameters(tiny_base.config())["total"]
+
+
+class _Strategy:
+    root_device = torch.device("cpu")
+
+    def reduce(self, tensor, reduce_op):
+        return tensor
+
+
+class _Trainer:
+    def __init__(self, optimizers):
+        self.strategy, self.sanity_checking, self.optimizers = _Strategy(), False, optimizers
+
+
+def _touch(megabytes: int) -> torch.Tensor:
+    return torch.ones(megabytes * 2**20 // 4)  # written, so resident
+
+
+def test_the_runs_own_peak_is_taken_above_what_the_process_held_before_the_model():
+    held_before = _touch(200)  # the interpreter, torch, the data: not the run's
+    model = torch.nn.Linear(1024, 1024)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer, monitor = _Trainer([optimizer]), CostMonitor()
+    monitor.setup(trainer, model, "fit")
+    weights = _touch(150)  # the model, built after setup (configure_model)
+    monitor.on_train_start(trainer, model)
+    activations = _touch(100)
+    del activations
+    model(torch.ones(4, 1024)).sum().backward()
+    optimizer.step()
+    monitor.on_train_end(trainer, model)
+    result = monitor.as_dict()
+    assert result["peak_memory_mb"] > result["memory_before_model_mb"] + 240 > 440  # the raw peak holds everything
+    assert 240 < result["own_peak_memory_mb"] < 300  # 150 + 100 MB (+ the 4 MB layer, allocator slack)
+    account = result["memory_account"]
+    assert account["weights_mb"] == {"fp32": round((1024 * 1024 + 1024) * 4 / 2**20, 1)}
+    assert account["gradients_mb"] == 4.0 and account["optimizer_state_mb"] == 8.0
+    assert account["rest_mb"] == pytest.approx(result["own_peak_memory_mb"] - 16.0, abs=0.2)
+    del held_before, weights
+
+
+def test_current_memory_is_below_the_peak_after_freeing():
+    peak = PeakMemory(torch.device("cpu"))
+    peak.reset()
+    block = _touch(100)
+    del block
+    assert peak.read_mb() > peak.current_mb() + 90
