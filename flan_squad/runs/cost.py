@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from flan_squad.models.optimizers import optimizer_state_bytes
+
 
 class PeakMemory:
     """Peak memory of this process since `reset()`: max allocated on CUDA, peak resident set on CPU.
@@ -115,12 +117,11 @@ def memory_account(model: nn.Module, optimizers: list | tuple = ()) -> dict[str,
         if n:
             weights[kind] = weights.get(kind, 0) + n
     trainable = [p for p in model.parameters() if p.requires_grad]
-    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return {
         "weights": weights,
         "trainable_params": sum(p.numel() for p in trainable),
         "gradients": sum(p.numel() * p.element_size() for p in trainable),
-        "optimizer_state": _storage_bytes(state, seen),
+        "optimizer_state": sum(optimizer_state_bytes(opt) for opt in optimizers),
     }
 
 
