@@ -92,13 +92,13 @@ gpu-rehearsal: gpu-bundle $(REHEARSAL_VENV)/.installed
 	$(REHEARSAL_VENV)/bin/python scripts/gpu_check.py --bundle gpu-bundle --out outputs/gpu_rehearsal \
 		--timeout-factor 10 $(ARGS)
 
-# Learning parity (README "Learning parity"): flan_squad.train against Seq2SeqTrainer set up as run_seq2seq_qa.py,
+# Learning parity (docs/learning.md, "Learning parity"): flan_squad.train against Seq2SeqTrainer set up as run_seq2seq_qa.py,
 # on a SQuAD v2 task with decoy facts, same architecture (random init, trained here), budget and seeds; prints mean ± sd,
 # writes benchmarks/results/parity.json. ARGS="--seeds 0,1 --jobs 2" for a first look, --help for the switches.
 parity: shared install
 	$(PY) -m benchmarks.parity $(ARGS)
 
-# The CPU comparison with scores that mean something (README "Comparing strategies", docs/comparing.md): a T5 trained
+# The CPU comparison with scores that mean something (docs/comparing.md): a T5 trained
 # here from random weights (NOT FLAN-T5), its own score before fine-tuning, then full, LoRA and QLoRA fine-tuned from it
 # (3 seeds each, at the lrs `compare-cpu-sweep` chose), the report, and what each strategy costs at flan-t5-base size
 # (random init: cost only). Regenerates $(COMPARE_DOCS). COMPARE_DIR=... keeps the runs elsewhere; the base is built once.

@@ -110,7 +110,7 @@ def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache
     assert 0 < by_optimizer["Adafactor"]["optimizer_state_mb"] < 0.05 * adamw_mb
 
 
-# The decoy check (README "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
+# The decoy check (docs/learning.md, "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
 # Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread), random init:
 #   OMP_NUM_THREADS=1 python -m flan_squad.train experiment=learning_check <DECOY_MINI> seed=S model.init_seed=S
 #     model.prompt=t5|flan dataset.train_file=<dir>/train.json dataset.validation_file=<dir>/dev.json

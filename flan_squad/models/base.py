@@ -65,7 +65,7 @@ class BaseModel:
 
     `prompt` is the format the model reads questions in and answers "no answer" in (`flan_squad.data.prompts`):
     `flan` for FLAN-T5 (what it was instruction-tuned on), `t5` for models trained here from random weights
-    (conf/model/t5_tiny.yaml: they learn unanswerable questions better with it, README "Learning parity"). A run
+    (conf/model/t5_tiny.yaml: they learn unanswerable questions better with it, docs/learning.md). A run
     dir's model is asked in the format it was trained with (its config.yaml; runs from before the option: flan).
     """
 
