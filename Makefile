@@ -115,8 +115,8 @@ MACHINE_NOTE = { date -u; uptime; grep -m1 'model name' /proc/cpuinfo; nproc; \
 	grep -m1 -o -w -E 'avx512_bf16|amx_bf16' /proc/cpuinfo || echo "no avx512_bf16/amx_bf16"; }
 compare-cpu: base-cpu
 	mkdir -p $(COMPARE_DOCS) && $(MACHINE_NOTE) > $(COMPARE_DOCS)/machine.txt
-	$(PY) -m flan_squad.evaluate experiment=compare_cpu hydra.mode=RUN hydra.run.dir=$(COMPARE_DIR)/base
-	$(PY) -m flan_squad.train -m experiment=compare_cpu hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
+	$(PY) -m flan_squad.evaluate experiment=compare_cpu hydra.run.dir=$(COMPARE_DIR)/base
+	$(PY) -m flan_squad.train experiment=compare_cpu hparams_search=strategies seed=0,1,2 hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
 	$(PY) -m flan_squad.report $(COMPARE_DIR) --out $(COMPARE_DOCS)
 	cp $(BASE_CPU)/../metrics.json $(COMPARE_DOCS)/base_metrics.json
 	$(PY) -m benchmarks.strategy_cost $(COST_ARGS) --markdown $(COMPARE_DOCS)/cost.md

@@ -203,7 +203,7 @@ def steps(out: Path, cuda: bool, shared: Path) -> list[Step]:
         Step("ddp", False, 90, [run("ddp", *small, "strategy=lora", "trainer=ddp", "trainer.devices=1",
                                      f"trainer.accelerator={'gpu' if cuda else 'cpu'}")],
              lambda o: [("  lora", _run_figure(o / "ddp"))]),
-        Step("compare", False, 150, [[*train, "experiment=compare", *local, *few, *([] if cuda else small),
+        Step("compare", False, 150, [[*train, "experiment=compare", "hparams_search=strategies", *local, *few, *([] if cuda else small),
                                       f"hydra.sweep.dir={out / 'compare'}"]], lambda o: _compare_rows(o / "compare")),
         Step("bench", False, 150, [[sys.executable, "-m", "benchmarks.bench", *bench, "--quick", "--in-process",
                                     "--no-pad-baseline", "--memory-model", "", "--trained-model", "",

@@ -20,10 +20,10 @@ def test_the_comparison_in_miniature_reports_seeds_memory_and_curves(tmp_path, c
     assert built.returncode == 0, built.stderr[-2000:]
     model = [f"model.name_or_path={base}/model", f"model.architecture={TINY}"]
     tiny = ["dataset.limit_train=16", "dataset.batch_size=4", "dataset.limit_val=8", "trainer.max_epochs=1"]
-    scored = run_entry_point("flan_squad.evaluate", ["experiment=compare_cpu", "hydra.mode=RUN", *model, *tiny,
+    scored = run_entry_point("flan_squad.evaluate", ["experiment=compare_cpu", *model, *tiny,
                                                      f"hydra.run.dir={runs}/base", *common])
     assert scored.returncode == 0, scored.stderr[-2000:]
-    trained = run_entry_point("flan_squad.train", ["experiment=compare_cpu", "strategy=full,lora", "seed=0,1", *model,
+    trained = run_entry_point("flan_squad.train", ["experiment=compare_cpu", "hparams_search=strategies", "strategy=full,lora", "seed=0,1", *model,
                                                    *tiny, "callbacks=none", f"hydra.sweep.dir={runs}", *common])
     assert trained.returncode == 0, trained.stderr[-2000:]
     reported = run_entry_point("flan_squad.report", [str(runs), "--out", str(docs)])

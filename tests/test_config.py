@@ -150,3 +150,16 @@ def test_random_init_of_any_flan_t5_size_needs_no_hub(size, tmp_path):
     base = instantiate(compose_config([f"model={size}", "model.init=random"], output_dir=tmp_path).model)
     assert len(base.load_tokenizer()) == 32100  # 32,000 pieces + 100 extra ids (../shared/README.md)
     assert instantiate(compose_config([f"model={size}"], output_dir=tmp_path).model).tokenizer is None  # the hub's
+
+
+def test_only_hparams_search_defines_multiruns(tmp_path):
+    """A preset is one run; a sweep is an `hparams_search` option (and `-m` on the command line)."""
+    from hydra.types import RunMode
+
+    presets = [p for p in CONFIG_DIR.rglob("*.yaml") if "MULTIRUN" in p.read_text()]
+    assert presets and all(p.parent.name == "hparams_search" for p in presets), presets
+    from flan_squad.utils.config import compose
+
+    assert compose("train", ["experiment=compare_cpu"], return_hydra_config=True).hydra.mode != RunMode.MULTIRUN
+    swept = compose("train", ["experiment=compare_cpu", "hparams_search=strategies"], return_hydra_config=True).hydra
+    assert swept.mode == RunMode.MULTIRUN and swept.sweeper.params.strategy == "full,lora,qlora"
