@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking serving shared test test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu compare-cpu-sweep clean
+.PHONY: install tracking serving shared lint test test-fast test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu compare-cpu-sweep clean
 
 install: $(VENV)/.installed
 
@@ -41,8 +41,16 @@ shared:
 		"(SQuAD files + FLAN-T5 tokenizer): put it beside the checkout as ../shared, or set" \
 		"FLAN_SQUAD_SHARED=/path/to/shared" >&2; exit 2; }
 
+# ruff (pyproject.toml: pycodestyle, pyflakes, import order, pyupgrade, bugbear); CI runs it before the tests.
+lint: install
+	$(PY) -m ruff check .
+
 test: shared install tracking serving
 	$(PY) -m pytest tests -m "not slurm"
+
+# The inner loop: everything but the tests that train through the entry point or start processes (marker `slow`).
+test-fast: shared install tracking serving
+	$(PY) -m pytest tests -m "not slurm and not slow"
 
 # Sweeps, a 2-task job and preemption on a one-node SLURM cluster, then a job over 2 nodes and its preemption on a
 # two-node one (scripts/local_slurm.sh [--nodes 2] starts each here, as root; needs: apt-get install slurm-wlm slurmdbd
