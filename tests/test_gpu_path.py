@@ -1,6 +1,7 @@
 """The GPU path's faults that a CPU can show: the DDP all-reduce's device, the bf16 probe, the schedule after the batch
 size finder, training's and validation's peak memory apart, experiment=compare from the hub, FSDP on one device,
-adapters saved under FSDP, FSDP with 4-bit weights, checkpoint writing timed apart, callbacks=none, QLoRA's compute dtype, the dependency ranges.
+adapters saved under FSDP, what FSDP cannot train (4-bit weights; frozen ones unsharded), checkpoint writing timed
+apart, callbacks=none, QLoRA's compute dtype, the dependency ranges.
 (FSDP on two processes: tests/test_scale.py.)"""
 
 from __future__ import annotations
@@ -215,15 +216,19 @@ def test_fsdp_adapters_are_saved_from_the_gathered_model(tmp_path, tiny_base, mo
     assert saved.keys() == trained.keys() and all(torch.equal(saved[name], trained[name]) for name in trained)
 
 
-def test_fsdp_with_qlora_is_refused_before_anything_trains(tmp_path, cache_dir, run_entry_point):
-    # FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built.
+@pytest.mark.parametrize("strategy, advice", [("qlora", "trainer=ddp"), ("lora", "trainer=gpu on one device")])
+def test_fsdp_refuses_what_it_cannot_train_before_anything_trains(tmp_path, cache_dir, run_entry_point, strategy,
+                                                                   advice):
+    # QLoRA: FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built. LoRA on
+    # one device (unsharded): torch's FSDP left the frozen base weights as plain tensors after the first backward
+    # pass, and the second step crashed ("as_params=True type(prim_param)=<class 'torch.Tensor'>").
     result = run_entry_point("flan_squad.train", [
-        "experiment=smoke", "strategy=qlora", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
+        "experiment=smoke", f"strategy={strategy}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
         "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy", "logger=none", f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path}"])
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
-    assert "strategy=qlora with trainer=fsdp" in message and "trainer=ddp" in message
+    assert f"strategy={strategy} with trainer=fsdp" in message and advice in message
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
 
 

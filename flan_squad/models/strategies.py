@@ -56,7 +56,8 @@ class Strategy(Protocol):
         `save_pretrained`: it loads without PEFT or this project."""
 
     # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not);
-    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts).
+    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts);
+    # `freezes_base = True`: most weights stay frozen (trainer=fsdp unsharded, on one device, is refused).
 
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
@@ -120,6 +121,7 @@ class Adapters:
     """PEFT adapters on a frozen base: only they train and are saved. A subclass says which (`peft_config`)."""
 
     name: str
+    freezes_base = True
 
     def __init__(self, lr: float, gradient_checkpointing: bool):
         self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
