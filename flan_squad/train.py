@@ -30,7 +30,7 @@ from flan_squad.runs.lifecycle import Run  # noqa: E402
 from flan_squad.runs.results import summary  # noqa: E402
 from flan_squad.runs.resume import requeued  # noqa: E402
 from flan_squad.runs.trainer import (  # noqa: E402
-    full_model_on_rank_zero, rebuild_before_reload, refuse_unshardable, uses_batch_size_finder)
+    full_model_on_rank_zero, rebuild_before_reload, refuse_what_fsdp_cannot_train, uses_batch_size_finder)
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
 from flan_squad.runs.signals import Interruption, interruptible  # noqa: E402
 
@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
         loggers = _instantiate_group(cfg.get("logger"))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        refuse_unshardable(trainer, strategy)
+        refuse_what_fsdp_cannot_train(trainer, strategy)
 
         with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, then RunInterrupted (exit 143 / 130)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

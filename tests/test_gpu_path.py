@@ -1,6 +1,7 @@
 """The GPU path's faults that a CPU can show: the DDP all-reduce's device, the bf16 probe, the schedule after the batch
 size finder, training's and validation's peak memory apart, experiment=compare from the hub, FSDP on one device,
-FSDP with 4-bit weights, checkpoint writing timed apart, callbacks=none, QLoRA's compute dtype, the dependency ranges.
+adapters saved under FSDP, what FSDP cannot train (4-bit weights; frozen ones unsharded), checkpoint writing timed
+apart, callbacks=none, QLoRA's compute dtype, the dependency ranges.
 (FSDP on two processes: tests/test_scale.py.)"""
 
 from __future__ import annotations
@@ -181,15 +182,53 @@ def test_fsdp_on_one_gpu_gathers_the_model_without_offloading(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_fsdp_with_qlora_is_refused_before_anything_trains(tmp_path, cache_dir, run_entry_point):
-    # FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built.
+def test_fsdp_adapters_are_saved_from_the_gathered_model(tmp_path, tiny_base, monkeypatch):
+    # PEFT finds its adapters by its modules' names, which under FSDP carry the wrappers' `_fsdp_wrapped_module.`
+    # while the state dict's keys do not: model/adapter_model.safetensors was written with no tensor. The LoRA model
+    # wrapped as training wraps it (each T5 block), in a one-process gloo group, saved inside the gather.
+    import torch.distributed as dist
+    from conftest import make_strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from flan_squad.runs.trainer import t5_fsdp_strategy
+
+    strategy = make_strategy("lora")
+    model = strategy.build(tiny_base, torch.device("cpu"))
+    for name, parameter in model.named_parameters():
+        if ".lora_B." in name:  # as trained: B starts at 0
+            torch.nn.init.normal_(parameter)
+    trained = {name.replace(".default.", "."): p.detach().clone() for name, p in model.named_parameters()
+               if p.requires_grad}
+    monkeypatch.setattr(FSDPStrategy, "root_device", property(lambda self: torch.device("cpu")))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fsdp = t5_fsdp_strategy()  # its kwargs: what Lightning wraps with (T5 blocks, original parameters)
+        fsdp.model = FullyShardedDataParallel(torch.nn.ModuleDict({"model": model}), device_id=torch.device("cpu"),
+                                              **fsdp.kwargs)
+        assert any("_fsdp_wrapped_module." in name for name, _ in model.named_parameters())
+        with full_model_on_rank_zero(SimpleNamespace(strategy=fsdp)):
+            strategy.save(model, tiny_base.load_tokenizer(), tmp_path)
+    finally:
+        dist.destroy_process_group()
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[name], trained[name]) for name in trained)
+
+
+@pytest.mark.parametrize("strategy, advice", [("qlora", "trainer=ddp"), ("lora", "trainer=gpu on one device")])
+def test_fsdp_refuses_what_it_cannot_train_before_anything_trains(tmp_path, cache_dir, run_entry_point, strategy,
+                                                                   advice):
+    # QLoRA: FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built. LoRA on
+    # one device (unsharded): torch's FSDP left the frozen base weights as plain tensors after the first backward
+    # pass, and the second step crashed ("as_params=True type(prim_param)=<class 'torch.Tensor'>").
     result = run_entry_point("flan_squad.train", [
-        "experiment=smoke", "strategy=qlora", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
+        "experiment=smoke", f"strategy={strategy}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
         "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy", "logger=none", f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path}"])
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
-    assert "strategy=qlora with trainer=fsdp" in message and "trainer=ddp" in message
+    assert f"strategy={strategy} with trainer=fsdp" in message and advice in message
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
 
 

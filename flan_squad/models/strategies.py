@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from flan_squad.models.base import BaseModel
+from flan_squad.models.base import BaseModel, unwrapped_name
 from flan_squad.utils.precision import bf16_is_native, precision_dtype
 from flan_squad.utils.errors import ConfigError, error_line
 
@@ -56,7 +56,8 @@ class Strategy(Protocol):
         `save_pretrained`: it loads without PEFT or this project."""
 
     # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not);
-    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts).
+    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts);
+    # `freezes_base = True`: most weights stay frozen (trainer=fsdp unsharded, on one device, is refused).
 
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
@@ -120,6 +121,7 @@ class Adapters:
     """PEFT adapters on a frozen base: only they train and are saved. A subclass says which (`peft_config`)."""
 
     name: str
+    freezes_base = True
 
     def __init__(self, lr: float, gradient_checkpointing: bool):
         self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
@@ -137,6 +139,9 @@ class Adapters:
 
     def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
         _save(model, tokenizer, directory)
+        named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        if any(unwrapped_name(name) != name for name in named):  # under FSDP (inside its gather: full tensors)
+            _save_adapters_by_module_names(model, named, directory)
 
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
         from peft import PeftModel
@@ -152,6 +157,19 @@ class Adapters:
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.name, "capacity": None}
+
+
+def _save_adapters_by_module_names(model: nn.Module, named: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Writes the adapters again, found under their modules' names. PEFT finds its adapters' entries in the state dict
+    by the names of its modules, which under FSDP carry its wrappers' `_fsdp_wrapped_module.` while the state dict's
+    keys do not: it finds none and writes an empty file. Given the tensors by those names, it finds them all."""
+    from peft import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    adapters = get_peft_model_state_dict(model, state_dict=named)  # keys: the saved format's, with FSDP's infix
+    save_file({unwrapped_name(name): tensor.contiguous() for name, tensor in adapters.items()},
+              Path(directory) / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 class LoRA(Adapters):

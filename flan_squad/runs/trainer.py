@@ -93,12 +93,25 @@ def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
         yield
 
 
-def refuse_unshardable(trainer: L.Trainer, strategy) -> None:
-    """A strategy whose weights FSDP cannot shard (4-bit: integer tensors) is refused under FSDP, before training
-    starts (FSDP would fail at wrapping). A strategy says so with `shardable = False`."""
-    if isinstance(trainer.strategy, FSDPStrategy) and not getattr(strategy, "shardable", True):
+def refuse_what_fsdp_cannot_train(trainer: L.Trainer, strategy) -> None:
+    """Under FSDP, before training starts: a strategy whose weights FSDP cannot shard (4-bit: integer tensors; it says
+    so with `shardable = False`) is refused, and so is one that keeps weights frozen (`freezes_base = True`) when FSDP
+    would not shard (one device, or NO_SHARD): torch's FSDP then turns the frozen weights into plain tensors in the
+    backward pass (no post-backward hook runs for them, and an unsharded model counts as resharded), and its next
+    forward pass fails ("as_params=True type(prim_param)=<class 'torch.Tensor'>")."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return
+    if not getattr(strategy, "shardable", True):
         raise ConfigError(f"strategy={strategy.name} with trainer=fsdp: FSDP cannot shard its 4-bit (integer) weights; "
                           f"use trainer=ddp (or trainer=gpu), or strategy=lora to shard")
+    unsharded = (trainer.num_nodes * trainer.num_devices == 1
+                 or trainer.strategy.sharding_strategy == ShardingStrategy.NO_SHARD)
+    if getattr(strategy, "freezes_base", False) and unsharded:
+        raise ConfigError(f"strategy={strategy.name} with trainer=fsdp on one device (or sharding_strategy=NO_SHARD): "
+                          f"torch's FSDP cannot train frozen weights unsharded; use trainer=gpu on one device, or "
+                          f"trainer.devices=2 or more (FULL_SHARD)")
 
 
 def rebuild_before_reload(trainer: L.Trainer, module: L.LightningModule) -> None:
