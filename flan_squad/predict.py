@@ -11,22 +11,18 @@ threshold ("" means no answer).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig
 
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.answering import Answerer  # noqa: E402
-from flan_squad.data.prompts import UNANSWERABLE  # noqa: E402
-from flan_squad.data.records import Columns, read_data_file  # noqa: E402
-from flan_squad.data.squad import Question  # noqa: E402
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
+from flan_squad.utils.files import write_json_atomic
+from flan_squad.runs.answering import Answerer
+from flan_squad.data.prompts import UNANSWERABLE
+from flan_squad.data.records import Columns, read_data_file
+from flan_squad.data.squad import Question
 
 
 def predict(cfg: DictConfig) -> dict[str, str]:

@@ -8,17 +8,14 @@ Ctrl-C stops it once the requests in flight are answered.
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.runs.answering import Answerer  # noqa: E402
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.runs.answering import Answerer
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
 
 
 def check_options(cfg: DictConfig) -> None:
