@@ -40,7 +40,8 @@ def main(cfg: DictConfig) -> None:
 
             from flan_squad.runs.serving import make_app
         except ImportError as e:
-            raise ConfigError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'")
+            raise ConfigError(
+                f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'") from None
         answerer = Answerer.from_config(cfg)
     app = make_app(answerer, cfg.max_batch, cfg.max_wait_ms, cfg.max_context_chars, cfg.max_question_chars)
     about = answerer.describe()

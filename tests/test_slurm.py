@@ -138,7 +138,8 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     # Resubmitted (here, run in this process) with resume=true, job 1 finishes too; both end as uninterrupted runs do.
     # In this process as in the jobs, one thread (cpus_per_task=1): bf16-mixed sums in another order with two, and
     # the weights then differ by ~4e-4 whatever the resume does (measured for t5_tiny's inputs).
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    threads = torch.get_num_threads()  # read now, before the change below: restored as it was
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)
     resumed = run_entry_point("flan_squad.train", run + ["strategy.lr=3e-3", f"hydra.run.dir={sweep / '1'}",
                                                          "resume=true"])
