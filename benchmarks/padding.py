@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{statistics.mean(lengths):.1f} tokens (max {max(lengths)}); source tokens run per real token:")
     print(f"  random batches (mean of {args.seeds} orders)  {statistics.mean(randoms):.2f}")
     print(f"  length-grouped batches                {grouped:.2f}")
-    print(f"  padded to {args.max_source_length:<4}                         {args.max_source_length * len(lengths) / sum(lengths):.2f}")
+    padded = args.max_source_length * len(lengths) / sum(lengths)
+    print(f"  padded to {args.max_source_length:<4}                         {padded:.2f}")
 
 
 if __name__ == "__main__":
