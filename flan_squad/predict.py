@@ -4,8 +4,8 @@ From a training run (full model or adapter + base, as trained), or a hub/local m
 `model.name_or_path=DIR model.init=pretrained model.tokenizer=null`). One question prints its answer;
 `input_file=` (records with a question and a context, and optionally an id: JSONL, a JSON list, CSV or Parquet, the
 columns named by `dataset.columns`; or an official SQuAD file) writes `{id: answer}` JSON. Answers go through the
-evaluation path with the run's own answering settings (`flan_squad.runs.answering`, as `flan_squad.serve` answers), and the no-answer
-threshold ("" means no answer).
+evaluation path with the run's own answering settings (`flan_squad.runs.answering`, as `flan_squad.serve` answers), and
+the no-answer threshold ("" means no answer).
 """
 
 from __future__ import annotations

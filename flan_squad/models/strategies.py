@@ -218,7 +218,8 @@ class QLoRA(LoRA):
         try:
             import bitsandbytes.nn
         except ImportError:
-            raise ConfigError("strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
+            raise ConfigError(
+                "strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
