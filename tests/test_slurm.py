@@ -91,7 +91,8 @@ def test_two_task_job_takes_its_ranks_from_slurm_and_answers_like_one_process(sl
     assert single["f1"] == metrics["f1"] and single["total"] == 13
 
 
-def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_path, cache_dir, run_entry_point, request):
+def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_path, cache_dir, run_entry_point,
+                                                                    request):
     sweep = tmp_path / "preempted"
     # 32 questions in batches of 4, 2 epochs: 16 steps, slowed down so the signals land mid-epoch.
     run = ["experiment=smoke", "strategy=lora", "dataset.limit_train=32", "dataset.batch_size=4",
@@ -132,7 +133,8 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
     assert not list((sweep / "0").glob("hpc_ckpt_*.ckpt"))  # Lightning's, written mid-step: superseded by last.ckpt
     interrupted = json.loads((sweep / "1" / "status.json").read_text())
-    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM" and 4 <= interrupted["step"] < 8
+    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    assert 4 <= interrupted["step"] < 8
     assert not (sweep / "1" / "metrics.json").exists()
 
     # Resubmitted (here, run in this process) with resume=true, job 1 finishes too; both end as uninterrupted runs do.

@@ -30,7 +30,8 @@ def batch(tokenizer):
     questions = [
         Question("q1", "Where is the tower?", "The Eiffel Tower is in Paris, France.", ("Paris",), (24,)),
         Question("q2", "What colour is the sky?", "On a clear day the sky is blue.", ("blue",), (26,)),
-        Question("q3", "Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.", ("William Shakespeare",), (32,)),
+        Question("q3", "Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.",
+                 ("William Shakespeare",), (32,)),
         Question("q4", "When did it end?", "The war ended in 1945 after six years.", ("1945",), (17,)),
     ]
     encoded = encode(questions, tokenizer, "v1", 128, 16)
