@@ -40,12 +40,11 @@ from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from flan_squad.utils.config import compose  # noqa: E402
+from benchmarks.runs import HF_BF16, LIGHTNING_PRECISION, Spec  # noqa: E402
+from flan_squad.data.prompts import answer_to_prediction  # noqa: E402
 from flan_squad.evaluate import validate  # noqa: E402
 from flan_squad.runs.restore import restore  # noqa: E402
-from flan_squad.data.prompts import answer_to_prediction  # noqa: E402
-
-from benchmarks.runs import HF_BF16, LIGHTNING_PRECISION, Spec  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
 
 
 def _compose(config_name: str, spec: Spec, output_dir: str | Path, overrides: list[str]):

@@ -14,8 +14,8 @@ import statistics
 
 from hydra.utils import instantiate
 
-from flan_squad.utils.config import compose
 from flan_squad.data.sampler import LengthGroupedSampler
+from flan_squad.utils.config import compose
 
 
 def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:

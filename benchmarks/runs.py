@@ -38,13 +38,12 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 
-from flan_squad.models.base import count_parameters  # noqa: E402
-from flan_squad.utils.config import compose  # noqa: E402
-from flan_squad.runs.restore import build_parts  # noqa: E402
-from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.cost import PeakMemory  # noqa: E402
-
 from benchmarks.flops import train_flops  # noqa: E402
+from flan_squad.models.base import count_parameters  # noqa: E402
+from flan_squad.runs.cost import PeakMemory  # noqa: E402
+from flan_squad.runs.restore import build_parts  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
+from flan_squad.utils.files import write_json_atomic  # noqa: E402
 
 PIPELINES = ("project", "hf", "hf_pad")
 # The bench's precisions as Lightning's `trainer.precision` and as the Trainer's `bf16` flag (both autocast in bf16).

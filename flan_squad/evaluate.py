@@ -21,15 +21,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
-from flan_squad.utils.config import register_resolvers
 from flan_squad.models.base import count_parameters
-from flan_squad.utils.errors import exit_on_error
 from flan_squad.runs.cost import PeakMemory
 from flan_squad.runs.lifecycle import Run
 from flan_squad.runs.previous import EVALUATION_FILES
-from flan_squad.runs.results import framed
-from flan_squad.utils.files import read_json
 from flan_squad.runs.restore import Restored, restore, run_config
+from flan_squad.runs.results import framed
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import exit_on_error
+from flan_squad.utils.files import read_json
 
 if TYPE_CHECKING:
     from flan_squad.data.datamodule import SquadDataModule

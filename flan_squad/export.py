@@ -15,13 +15,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from flan_squad.runs.lock import check_directory, hold
+from flan_squad.runs.model_card import command_line, run_command, write_model_card
+from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config
 from flan_squad.utils.config import register_resolvers
 from flan_squad.utils.errors import exit_on_error
-from flan_squad.utils.files import write_dir_atomic, write_json_atomic
-from flan_squad.runs.lock import check_directory, hold
-from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config
-from flan_squad.runs.model_card import command_line, run_command, write_model_card
-from flan_squad.utils.files import read_json
+from flan_squad.utils.files import read_json, write_dir_atomic, write_json_atomic
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:

@@ -16,13 +16,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from flan_squad.utils.config import register_resolvers
-from flan_squad.utils.errors import ConfigError, exit_on_error
-from flan_squad.utils.files import write_json_atomic
-from flan_squad.runs.answering import Answerer
 from flan_squad.data.prompts import UNANSWERABLE
 from flan_squad.data.records import Columns, read_data_file
 from flan_squad.data.squad import Question
+from flan_squad.runs.answering import Answerer
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
+from flan_squad.utils.files import write_json_atomic
 
 
 def predict(cfg: DictConfig) -> dict[str, str]:

@@ -16,20 +16,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from flan_squad.models.optimizers import describe_optimizer
+from flan_squad.runs.cost import CostMonitor
+from flan_squad.runs.lifecycle import Run
+from flan_squad.runs.model_card import command_line, write_model_card
+from flan_squad.runs.restore import build_parts
+from flan_squad.runs.results import summary
+from flan_squad.runs.resume import requeued
+from flan_squad.runs.signals import Interruption, interruptible
+from flan_squad.runs.trainer import (
+    full_model_on_rank_zero,
+    rebuild_before_reload,
+    refuse_unshardable,
+    uses_batch_size_finder,
+)
 from flan_squad.utils.config import register_resolvers
 from flan_squad.utils.errors import ConfigError, exit_on_error
 from flan_squad.utils.files import write_dir_atomic
 from flan_squad.utils.process import in_multirun
-from flan_squad.models.optimizers import describe_optimizer
-from flan_squad.runs.restore import build_parts
-from flan_squad.runs.cost import CostMonitor
-from flan_squad.runs.lifecycle import Run
-from flan_squad.runs.results import summary
-from flan_squad.runs.resume import requeued
-from flan_squad.runs.trainer import (
-    full_model_on_rank_zero, rebuild_before_reload, refuse_unshardable, uses_batch_size_finder)
-from flan_squad.runs.model_card import command_line, write_model_card
-from flan_squad.runs.signals import Interruption, interruptible
 
 
 def _instantiate_group(group: DictConfig | None) -> list:

@@ -11,10 +11,10 @@ from benchmarks import bench
 from benchmarks.evaluation import eval_config, eval_run
 from benchmarks.flops import forward_flops
 from benchmarks.runs import Spec
+from conftest import SHARED
+from flan_squad.evaluate import evaluate
 from flan_squad.models.base import BaseModel
 from flan_squad.utils.precision import bf16_is_native
-from flan_squad.evaluate import evaluate
-from conftest import SHARED
 
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):

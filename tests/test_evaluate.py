@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import SHARED, compose_config
-from flan_squad.utils.errors import ConfigError
+from flan_squad.data.squad import read_squad_file
 from flan_squad.evaluate import evaluate
-from flan_squad.export import export
 from flan_squad.evaluation.inference import answer_questions
 from flan_squad.evaluation.metrics import score
+from flan_squad.export import export
 from flan_squad.predict import predict
 from flan_squad.report import build_report, table_rows
 from flan_squad.runs.restore import RunError, load_run
-from flan_squad.data.squad import read_squad_file
 from flan_squad.train import train
+from flan_squad.utils.errors import ConfigError
 
 # fp32 also where the CPU has native bf16: the round trips below compare answers across other batchings and
 # against a merged export, equal in exact arithmetic; in bf16 the rounding depends on batch shapes.

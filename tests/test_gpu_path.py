@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import tomllib
 import torch
-from conftest import compose_config
 from hydra.utils import instantiate
 
-from flan_squad.utils.precision import auto_precision
+from conftest import compose_config
 from flan_squad.runs.cost import CostMonitor
 from flan_squad.runs.trainer import full_model_on_rank_zero
 from flan_squad.train import train
 from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.utils.precision import auto_precision
 
 
 class _Strategy:

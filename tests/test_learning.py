@@ -143,8 +143,8 @@ def test_unanswerable_questions_with_a_decoy_fact_are_learned(tmp_path, cache_di
 
 
 def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
-    from flan_squad.data.squad import read_squad_file
     from flan_squad.data.planted import build, make_split
+    from flan_squad.data.squad import read_squad_file
 
     texts = ["First real sentence. Second one.", "Another paragraph here."]
     assert make_split(texts, 50, "v2", seed=3, prefix="x") == make_split(texts, 50, "v2", seed=3, prefix="x")

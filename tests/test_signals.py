@@ -9,9 +9,9 @@ import subprocess
 import time
 
 import torch
-from test_reliability import RUN, _command, _env
 
 from flan_squad.utils.config import PROJECT_ROOT
+from test_reliability import RUN, _command, _env
 
 
 def _checkpoint_step(run_dir) -> int:

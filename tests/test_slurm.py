@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config
-from slurm_cluster import array_id, job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 import torch
 from safetensors.torch import load_file
 
-from flan_squad.utils.config import PROJECT_ROOT
+from conftest import compose_config
 from flan_squad.evaluate import evaluate
 from flan_squad.report import build_report
+from flan_squad.utils.config import PROJECT_ROOT
+from slurm_cluster import array_id, job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 
 pytestmark = pytest.mark.slurm
 

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoTokenizer
 
 from conftest import compose_config
 from flan_squad.evaluation.metrics import score
 from flan_squad.train import train
-from transformers import AutoTokenizer
 
 REQUIRED = {"exact", "f1", "total", "strategy", "model", "init", "trainable_params", "total_params",
             "train_time_s", "train_examples_per_s", "peak_memory_mb", "peak_val_memory_mb", "dataset", "train_examples",

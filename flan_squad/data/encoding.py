@@ -7,8 +7,9 @@ Reading order: `encode` -> `Features` (a Dataset over the encoded questions) -> 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

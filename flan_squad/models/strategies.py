@@ -14,15 +14,16 @@ fields, so adding a strategy means one class here and one YAML file `conf/strate
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from flan_squad.models.base import BaseModel
-from flan_squad.utils.precision import bf16_is_native, precision_dtype
 from flan_squad.utils.errors import ConfigError, error_line
+from flan_squad.utils.precision import bf16_is_native, precision_dtype
 
 log = logging.getLogger(__name__)
 

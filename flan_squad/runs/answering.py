@@ -13,9 +13,10 @@ no-answer probabilities), then applies the no-answer threshold that `no_answer_t
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
