@@ -42,7 +42,8 @@ STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))  #
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", default="flan_t5_small", help="conf/model option for throughput (random init)")
     p.add_argument("--memory-model", default="flan_t5_base", help="conf/model option for the extra memory runs")
@@ -203,7 +204,8 @@ def measure_table(args, base, precision: str, sample: bool, trained: str | None,
     strategies, checkpointing, eval_repeats = args.strategies, (False, True), args.eval_repeats
     pad = not args.no_pad_baseline
     if sample:
-        spec = replace(spec, steps=min(spec.steps, BF16_SAMPLE["steps"]), epochs=min(spec.epochs, BF16_SAMPLE["repeats"]),
+        spec = replace(spec, steps=min(spec.steps, BF16_SAMPLE["steps"]),
+                       epochs=min(spec.epochs, BF16_SAMPLE["repeats"]),
                        eval_questions=min(spec.eval_questions, BF16_SAMPLE["eval_questions"]))
         strategies, checkpointing, pad = strategies[:1], (False,), False
         eval_repeats = min(eval_repeats, BF16_SAMPLE["eval_repeats"])
@@ -227,9 +229,9 @@ def measure_table(args, base, precision: str, sample: bool, trained: str | None,
     for name, e in evaluations.items():
         print(f"  eval ({name} weights): {', '.join(f'{k} {v:.2f}' for k, v in e['examples_per_s'].items())} "
               f"questions/s", file=sys.stderr, flush=True)
-    return {"precision": precision, "lightning_precision": LIGHTNING_PRECISION[precision], "hf_bf16": HF_BF16[precision],
-            "sample": sample, "peak_matmul": peak, "train": train, "eval": evaluations["random"],
-            "eval_trained": evaluations.get("trained")}
+    return {"precision": precision, "lightning_precision": LIGHTNING_PRECISION[precision],
+            "hf_bf16": HF_BF16[precision], "sample": sample, "peak_matmul": peak, "train": train,
+            "eval": evaluations["random"], "eval_trained": evaluations.get("trained")}
 
 
 if __name__ == "__main__":

@@ -40,12 +40,11 @@ from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from flan_squad.utils.config import compose  # noqa: E402
+from benchmarks.runs import HF_BF16, LIGHTNING_PRECISION, Spec  # noqa: E402
+from flan_squad.data.prompts import answer_to_prediction  # noqa: E402
 from flan_squad.evaluate import validate  # noqa: E402
 from flan_squad.runs.restore import restore  # noqa: E402
-from flan_squad.data.prompts import answer_to_prediction  # noqa: E402
-
-from benchmarks.runs import HF_BF16, LIGHTNING_PRECISION, Spec  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
 
 
 def _compose(config_name: str, spec: Spec, output_dir: str | Path, overrides: list[str]):
@@ -126,8 +125,9 @@ def eval_run(spec: Spec, repeats: int, model_dir: str | Path | None = None,
             report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu", bf16=HF_BF16[spec.precision],
             dataloader_num_workers=0,
         )
-        trainer = Seq2SeqTrainer(model=hf_model, args=args,
-                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=hf_model, label_pad_token_id=-100))
+        trainer = Seq2SeqTrainer(
+            model=hf_model, args=args,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, model=hf_model, label_pad_token_id=-100))
         # predict() passes max_new_tokens beside the generation config's max_length and warns every batch.
         hf_logging.set_verbosity_error()
 
@@ -167,7 +167,8 @@ def eval_run(spec: Spec, repeats: int, model_dir: str | Path | None = None,
         "examples_per_s": {k: n / statistics.median(v) for k, v in seconds.items()},
         # The same generation: on questions answered from one window, the project's answer before snapping.
         "single_window_questions": len(single),
-        "answer_agreement": (sum(windows[q][0].text == hf_answers[q] for q in single) / len(single)) if single else None,
+        "answer_agreement": (sum(windows[q][0].text == hf_answers[q] for q in single) / len(single)
+                             if single else None),
         # What the project's choices (best of several windows, snapping) change: its final predictions.
         "prediction_agreement": sum(module.predictions[q] == hf_answers[q] for q in questions) / n,
         "snapped_answers": module.answer_stats.get("snapped_answers"),

@@ -14,8 +14,8 @@ import statistics
 
 from hydra.utils import instantiate
 
-from flan_squad.utils.config import compose
 from flan_squad.data.sampler import LengthGroupedSampler
+from flan_squad.utils.config import compose
 
 
 def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{statistics.mean(lengths):.1f} tokens (max {max(lengths)}); source tokens run per real token:")
     print(f"  random batches (mean of {args.seeds} orders)  {statistics.mean(randoms):.2f}")
     print(f"  length-grouped batches                {grouped:.2f}")
-    print(f"  padded to {args.max_source_length:<4}                         {args.max_source_length * len(lengths) / sum(lengths):.2f}")
+    padded = args.max_source_length * len(lengths) / sum(lengths)
+    print(f"  padded to {args.max_source_length:<4}                         {padded:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ last epoch (the project's default validates every epoch and keeps the best epoch
 the peer does not get), and by default a different random init per seed, the same for both sides at one seed
 (`--init per-seed`; `--init shared`: init 0 for every seed, as `model.init_seed: 0` gives a seed sweep;
 `--project-init config` trains the project from the peer's tied model), scored by
-`flan_squad.evaluation.metrics` (the official v2.0 rules). Each run is its own process, kept as JSON under --runs-dir and
-reused when asked again (same side, seed and switches); the table goes to stdout, everything to --out.
+`flan_squad.evaluation.metrics` (the official v2.0 rules). Each run is its own process, kept as JSON under --runs-dir
+and reused when asked again (same side, seed and switches); the table goes to stdout, everything to --out.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ SIDES = ("project", "peer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="comma-separated run seeds")
     p.add_argument("--sides", default="project,peer", help="project, peer or both")
     p.add_argument("--init", choices=("per-seed", "shared"), default="per-seed",
@@ -78,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-target", choices=("empty", "unanswerable"), default="empty",
                    help="the peer's target for an unanswerable question")
     p.add_argument("--peer-prompt", choices=("qa", "project"), default="qa",
-                   help="qa: 'question: ... context: ...'; project: the project's flan format (flan_squad.data.encoding.encode)")
+                   help="qa: 'question: ... context: ...'; "
+                        "project: the project's flan format (flan_squad.data.encoding.encode)")
     p.add_argument("--peer-sampler", choices=("random", "grouped"), default="random",
                    help="grouped: the project's LengthGroupedSampler instead of the Trainer's random sampler")
     p.add_argument("--peer-init", choices=("checkpoint", "config"), default="config",
@@ -118,8 +120,8 @@ def task_files(args, shared_dir: str) -> Path:
 
 
 def _base_overrides(spec: dict) -> list[str]:
-    return ["model=t5_tiny", *(f"++model.architecture.{k}={v}" for k, v in ARCHITECTURE.items()), f"model.init_seed={spec['init_seed']}",
-            "strategy=full", f"strategy.lr={spec['lr']}", "dataset=squad_v2",
+    return ["model=t5_tiny", *(f"++model.architecture.{k}={v}" for k, v in ARCHITECTURE.items()),
+            f"model.init_seed={spec['init_seed']}", "strategy=full", f"strategy.lr={spec['lr']}", "dataset=squad_v2",
             f"dataset.train_file={spec['task']}/train.json", f"dataset.validation_file={spec['task']}/dev.json",
             "dataset.max_source_length=256", f"dataset.batch_size={spec['batch_size']}", "dataset.eval_batch_size=50",
             f"trainer.max_epochs={spec['epochs']}", "trainer=cpu", "trainer.precision=32-true",
@@ -187,7 +189,8 @@ def run_peer(spec: dict) -> dict:
     def features(questions) -> list[dict]:
         if spec["peer_prompt"] == "project":  # the project's prompt and its "unanswerable" target
             enc = encode(questions, tokenizer, "v2", 256, 32)
-            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(enc.input_ids, enc.labels)]
+            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
+                    for x, y in zip(enc.input_ids, enc.labels)]
         # run_seq2seq_qa.py's preprocess_squad_batch + preprocess_function
         inputs = [f"question: {q.question.lstrip()} context: {q.context.lstrip()}" for q in questions]
         empty = "unanswerable" if spec["peer_target"] == "unanswerable" else ""
@@ -325,9 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     todo, rows = [], []
     for side in args.sides:
         variant = _variant(args, side)
-        row = {"label": _label(side, variant, args.init), "side": side, "variant": variant, "init": args.init, "runs": []}
+        row = {"label": _label(side, variant, args.init), "side": side, "variant": variant, "init": args.init,
+               "runs": []}
         for seed in args.seeds:
-            spec = {"side": side, "seed": seed, "init_seed": seed if args.init == "per-seed" else 0, **common, **variant}
+            spec = {"side": side, "seed": seed, "init_seed": seed if args.init == "per-seed" else 0,
+                    **common, **variant}
             key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
             path = Path(args.runs_dir) / "runs" / f"{side}-seed{seed}-{key}.json"
             row["runs"].append(path)

@@ -38,13 +38,12 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 
-from flan_squad.models.base import count_parameters  # noqa: E402
-from flan_squad.utils.config import compose  # noqa: E402
-from flan_squad.runs.restore import build_parts  # noqa: E402
-from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.cost import PeakMemory  # noqa: E402
-
 from benchmarks.flops import train_flops  # noqa: E402
+from flan_squad.models.base import count_parameters  # noqa: E402
+from flan_squad.runs.cost import PeakMemory  # noqa: E402
+from flan_squad.runs.restore import build_parts  # noqa: E402
+from flan_squad.utils.config import compose  # noqa: E402
+from flan_squad.utils.files import write_json_atomic  # noqa: E402
 
 PIPELINES = ("project", "hf", "hf_pad")
 # The bench's precisions as Lightning's `trainer.precision` and as the Trainer's `bf16` flag (both autocast in bf16).
@@ -78,7 +77,8 @@ def compose_config(spec: Spec, output_dir: str):
         f"dataset.batch_size={spec.batch_size}", f"dataset.eval_batch_size={spec.batch_size}",
         f"dataset.max_source_length={spec.max_source_length}",
         f"dataset.limit_train={spec.steps * spec.batch_size}", f"dataset.limit_val={spec.eval_questions}",
-        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}", f"trainer.precision={LIGHTNING_PRECISION[spec.precision]}",
+        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}",
+        f"trainer.precision={LIGHTNING_PRECISION[spec.precision]}",
         "logger=none", "callbacks=none",
         f"paths.output_dir={output_dir}",
     ] + ([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])
@@ -232,7 +232,8 @@ def train_run(spec: Spec) -> dict[str, Any]:
         "padded_over_real_source_tokens": round(statistics.mean(padded) / sum(map(len, enc.input_ids)), 3),
         "model_flops_per_step": flops / spec.steps,
         "model_flops_per_s": statistics.median(flops / t for t in seconds),
-        "every_example_once_per_epoch": all(Counter(ids) == expected for ids in ids_seen) and len(ids_seen) == spec.epochs,
+        "every_example_once_per_epoch": (all(Counter(ids) == expected for ids in ids_seen)
+                                         and len(ids_seen) == spec.epochs),
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": peak.kind,
         **params,

@@ -95,7 +95,7 @@ def serve(args: list[str], log: Path, env: dict[str, str] | None = None):
         except OSError:
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
-                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.5)
 
 

@@ -54,7 +54,8 @@ def summarise_table(t: dict) -> dict:
         # The lower of the two checkpointing settings, per strategy (the detail is in _by_gc).
         "train_speedup_vs_hf": _lower(by_gc),
         "train_speedup_vs_hf_by_gc": by_gc,
-        "train_speedup_vs_pad_to_max": {s: d.get("gc_off") for s, d in _train_ratios(t["train"], t["train"], against="hf_pad").items()},
+        "train_speedup_vs_pad_to_max": {
+            s: d.get("gc_off") for s, d in _train_ratios(t["train"], t["train"], against="hf_pad").items()},
         "peak_memory_over_hf": _train_ratios(t["train"], t["train"], "peak_memory_mb"),
         "eval_speedup_vs_hf": _eval_ratio(t["eval"], t["eval"]),
         "eval_answer_agreement": t["eval"]["answer_agreement"],
@@ -65,7 +66,8 @@ def summarise_table(t: dict) -> dict:
 
 
 HEADLINE = ("train_speedup_vs_hf", "train_speedup_vs_hf_by_gc", "train_speedup_vs_pad_to_max", "eval_speedup_vs_hf",
-            "eval_answer_agreement", "eval_speedup_vs_hf_trained", "eval_trained_answer_tokens_mean", "peak_memory_over_hf")
+            "eval_answer_agreement", "eval_speedup_vs_hf_trained", "eval_trained_answer_tokens_mean",
+            "peak_memory_over_hf")
 
 
 def summarise(args, info, native, auto, tables, memory, seconds) -> dict:
@@ -142,7 +144,8 @@ def table(res: dict) -> str:
         train = ", ".join(f"{k} {_fmt(v)}" for k, v in w["train_speedup_vs_hf"].items())
         lines += ["", f"what you get: the project in its automatic precision ({w['project_precision']} here) against "
                       f"Seq2SeqTrainer in fp32: training x HF {train} (lower of gc off/on); evaluation "
-                      f"x{_fmt(w['eval_speedup_vs_hf'])} (random init), x{_fmt(w['eval_speedup_vs_hf_trained'])} (trained)"]
+                      f"x{_fmt(w['eval_speedup_vs_hf'])} (random init), "
+                      f"x{_fmt(w['eval_speedup_vs_hf_trained'])} (trained)"]
     if res["memory"]:
         lines += ["", f"peak memory, {s['memory_model']} architecture, {s['memory_steps']} steps (project path, "
                       f"{res['auto_precision']}):"]

@@ -10,30 +10,26 @@ probabilities, snapping) and scored with the official rules. Writes `predictions
 from __future__ import annotations
 
 import logging
-import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig
 
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
-
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.models.base import count_parameters  # noqa: E402
-from flan_squad.utils.errors import exit_on_error  # noqa: E402
-from flan_squad.runs.cost import PeakMemory  # noqa: E402
-from flan_squad.runs.lifecycle import Run  # noqa: E402
-from flan_squad.runs.previous import EVALUATION_FILES  # noqa: E402
-from flan_squad.runs.results import framed  # noqa: E402
-from flan_squad.utils.files import read_json  # noqa: E402
-from flan_squad.runs.restore import Restored, restore, run_config  # noqa: E402
+from flan_squad.models.base import count_parameters
+from flan_squad.runs.cost import PeakMemory
+from flan_squad.runs.lifecycle import Run
+from flan_squad.runs.previous import EVALUATION_FILES
+from flan_squad.runs.restore import Restored, restore, run_config
+from flan_squad.runs.results import framed
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import exit_on_error
+from flan_squad.utils.files import read_json
 
 if TYPE_CHECKING:
     from flan_squad.data.datamodule import SquadDataModule
@@ -67,7 +63,8 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     peak.reset()
     before = peak.current_mb()
     restored = restored or restore(cfg, device)
-    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split, prompt=restored.base.prompt)
+    datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split,
+                             prompt=restored.base.prompt)
     if restored.version != datamodule.version:
         log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
                     restored.source, restored.version, datamodule.version, datamodule.name)

@@ -10,22 +10,17 @@ computed dequant(NF4(W)) + BA: answers can differ slightly.
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig
 
-from pathlib import Path  # noqa: E402
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_dir_atomic, write_json_atomic  # noqa: E402
-from flan_squad.runs.lock import check_directory, hold  # noqa: E402
-from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config  # noqa: E402
-from flan_squad.runs.model_card import command_line, run_command, write_model_card  # noqa: E402
-from flan_squad.utils.files import read_json  # noqa: E402
+from flan_squad.runs.lock import check_directory, hold
+from flan_squad.runs.model_card import command_line, run_command, write_model_card
+from flan_squad.runs.restore import RunError, build_parts, restore_weights, run_config
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import exit_on_error
+from flan_squad.utils.files import read_json, write_dir_atomic, write_json_atomic
 
 
 def export(run_dir: str | Path, output_dir: str | Path) -> Path:

@@ -4,29 +4,25 @@ From a training run (full model or adapter + base, as trained), or a hub/local m
 `model.name_or_path=DIR model.init=pretrained model.tokenizer=null`). One question prints its answer;
 `input_file=` (records with a question and a context, and optionally an id: JSONL, a JSON list, CSV or Parquet, the
 columns named by `dataset.columns`; or an official SQuAD file) writes `{id: answer}` JSON. Answers go through the
-evaluation path with the run's own answering settings (`flan_squad.runs.answering`, as `flan_squad.serve` answers), and the no-answer
-threshold ("" means no answer).
+evaluation path with the run's own answering settings (`flan_squad.runs.answering`, as `flan_squad.serve` answers), and
+the no-answer threshold ("" means no answer).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig
 
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_json_atomic  # noqa: E402
-from flan_squad.runs.answering import Answerer  # noqa: E402
-from flan_squad.data.prompts import UNANSWERABLE  # noqa: E402
-from flan_squad.data.records import Columns, read_data_file  # noqa: E402
-from flan_squad.data.squad import Question  # noqa: E402
+from flan_squad.data.prompts import UNANSWERABLE
+from flan_squad.data.records import Columns, read_data_file
+from flan_squad.data.squad import Question
+from flan_squad.runs.answering import Answerer
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
+from flan_squad.utils.files import write_json_atomic
 
 
 def predict(cfg: DictConfig) -> dict[str, str]:

@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from flan_squad.utils.errors import print_error
-from flan_squad.runs.status import STATUS_FILE
 from flan_squad.reporting.plots import write_plots
 from flan_squad.reporting.runs import ReportError, Run, Setting, find_run_dirs, group, read_run
+from flan_squad.runs.status import STATUS_FILE
+from flan_squad.utils.errors import print_error
 
 # (key in metrics.json, column title, better: "max" | "min" | None, format)
 COLUMNS = [

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
+from flan_squad.data.records import Columns, read_data_file
+from flan_squad.evaluation.metrics import ScoreError, score
+from flan_squad.utils.config import CONFIG_DIR
 from flan_squad.utils.errors import FlanSquadError, print_error
 from flan_squad.utils.files import write_json_atomic
-from flan_squad.evaluation.metrics import ScoreError, score
-from flan_squad.data.records import Columns, read_data_file
-from flan_squad.utils.config import CONFIG_DIR
 
 
 def read_json_object(path: str | Path, what: str, value_type: type | tuple) -> dict:

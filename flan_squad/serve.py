@@ -8,17 +8,14 @@ Ctrl-C stops it once the requests in flight are answered.
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.runs.answering import Answerer  # noqa: E402
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
+from flan_squad.runs.answering import Answerer
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -43,7 +40,8 @@ def main(cfg: DictConfig) -> None:
 
             from flan_squad.runs.serving import make_app
         except ImportError as e:
-            raise ConfigError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'")
+            raise ConfigError(
+                f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'") from None
         answerer = Answerer.from_config(cfg)
     app = make_app(answerer, cfg.max_batch, cfg.max_wait_ms, cfg.max_context_chars, cfg.max_question_chars)
     about = answerer.describe()

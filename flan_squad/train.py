@@ -8,31 +8,32 @@ artefacts into its Hydra run dir: `metrics.json`, `predictions.json` (+ `na_prob
 from __future__ import annotations
 
 import os
+from typing import Any
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataloader may fork after tokenizing
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from typing import Any  # noqa: E402
-
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from flan_squad.utils.config import register_resolvers  # noqa: E402
-from flan_squad.utils.errors import ConfigError, exit_on_error  # noqa: E402
-from flan_squad.utils.files import write_dir_atomic  # noqa: E402
-from flan_squad.utils.process import in_multirun  # noqa: E402
-from flan_squad.models.optimizers import describe_optimizer  # noqa: E402
-from flan_squad.runs.restore import build_parts  # noqa: E402
-from flan_squad.runs.cost import CostMonitor  # noqa: E402
-from flan_squad.runs.lifecycle import Run  # noqa: E402
-from flan_squad.runs.results import summary  # noqa: E402
-from flan_squad.runs.resume import requeued  # noqa: E402
-from flan_squad.runs.trainer import (  # noqa: E402
-    full_model_on_rank_zero, rebuild_before_reload, refuse_what_fsdp_cannot_train, uses_batch_size_finder)
-from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
-from flan_squad.runs.signals import Interruption, interruptible  # noqa: E402
+from flan_squad.models.optimizers import describe_optimizer
+from flan_squad.runs.cost import CostMonitor
+from flan_squad.runs.lifecycle import Run
+from flan_squad.runs.model_card import command_line, write_model_card
+from flan_squad.runs.restore import build_parts
+from flan_squad.runs.results import summary
+from flan_squad.runs.resume import requeued
+from flan_squad.runs.signals import Interruption, interruptible
+from flan_squad.runs.trainer import (
+    full_model_on_rank_zero,
+    rebuild_before_reload,
+    refuse_what_fsdp_cannot_train,
+    uses_batch_size_finder,
+)
+from flan_squad.utils.config import register_resolvers
+from flan_squad.utils.errors import ConfigError, exit_on_error
+from flan_squad.utils.files import write_dir_atomic
+from flan_squad.utils.process import in_multirun
 
 
 def _instantiate_group(group: DictConfig | None) -> list:

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT, compose  # noqa: E402
 from flan_squad.models.base import BaseModel  # noqa: E402
+from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT, compose  # noqa: E402
 
 SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
 SQUAD = SHARED / "data" / "squad"

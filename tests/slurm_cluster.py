@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-from conftest import subprocess_env
 
+from conftest import subprocess_env
 from flan_squad.utils.config import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "scripts" / "local_slurm.sh"

@@ -11,10 +11,10 @@ from benchmarks import bench
 from benchmarks.evaluation import eval_config, eval_run
 from benchmarks.flops import forward_flops
 from benchmarks.runs import Spec
+from conftest import SHARED
+from flan_squad.evaluate import evaluate
 from flan_squad.models.base import BaseModel
 from flan_squad.utils.precision import bf16_is_native
-from flan_squad.evaluate import evaluate
-from conftest import SHARED
 
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):
@@ -51,7 +51,8 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert results["precision"] == ("bf16" if native else "fp32")
     assert results["what_you_get"]["project_precision"] == ("bf16-mixed" if native else "32-true")
     for name, table in results["tables"].items():
-        assert table["precision"] == name and table["peak_matmul"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[name]
+        assert table["precision"] == name
+        assert table["peak_matmul"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[name]
         lightning, hf_bf16 = {"fp32": ("32-true", False), "bf16": ("bf16-mixed", True)}[name]
         assert table["sample"] == (name == "bf16" and not native)
         assert not any("error" in r for r in table["train"])
@@ -83,7 +84,8 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     padding = {r["spec"]["pipeline"]: r["padded_over_real_source_tokens"] for r in fp32["train"]
                if r["spec"]["strategy"] == "full" and not r["spec"]["gradient_checkpointing"]}
     assert 1.0 <= padding["project"] <= padding["hf"] <= padding["hf_pad"] and padding["project"] < padding["hf_pad"]
-    assert len(results["memory"]) == 4 and all(r["spec"]["precision"] == results["precision"] for r in results["memory"])
+    assert len(results["memory"]) == 4
+    assert all(r["spec"]["precision"] == results["precision"] for r in results["memory"])
     bf16 = results["tables"]["bf16"]
     assert len(bf16["train"]) == (10 if native else 2)  # the sample: full fine-tuning, gc off, project and hf
     printed = capsys.readouterr().out

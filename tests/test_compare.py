@@ -23,8 +23,9 @@ def test_the_comparison_in_miniature_reports_seeds_memory_and_curves(tmp_path, c
     scored = run_entry_point("flan_squad.evaluate", ["experiment=compare_cpu", *model, *tiny,
                                                      f"hydra.run.dir={runs}/base", *common])
     assert scored.returncode == 0, scored.stderr[-2000:]
-    trained = run_entry_point("flan_squad.train", ["experiment=compare_cpu", "hparams_search=strategies", "strategy=full,lora", "seed=0,1", *model,
-                                                   *tiny, "callbacks=none", f"hydra.sweep.dir={runs}", *common])
+    trained = run_entry_point("flan_squad.train", ["experiment=compare_cpu", "hparams_search=strategies",
+                                                   "strategy=full,lora", "seed=0,1", *model, *tiny, "callbacks=none",
+                                                   f"hydra.sweep.dir={runs}", *common])
     assert trained.returncode == 0, trained.stderr[-2000:]
     reported = run_entry_point("flan_squad.report", [str(runs), "--out", str(docs)])
     assert reported.returncode == 0, reported.stderr[-2000:]

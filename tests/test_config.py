@@ -13,13 +13,13 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from conftest import compose_config
-from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
-from flan_squad.utils.precision import auto_precision
+from flan_squad.data.records import Columns
+from flan_squad.data.squad import DataError, read_squad_file
 from flan_squad.models.strategies import Strategy
 from flan_squad.runs.tracking import MLflowLogger
-from flan_squad.data.records import Columns
 from flan_squad.runs.wandb_logger import WandbLogger
-from flan_squad.data.squad import DataError, read_squad_file
+from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.utils.precision import auto_precision
 
 
 def _options(group: str) -> list[str]:

@@ -152,7 +152,8 @@ def _write(tmp_path, content, name="bad.json"):
 
 
 def _squad(qas, version="1.1"):
-    return json.dumps({"version": version, "data": [{"title": "T", "paragraphs": [{"context": "Paris is big.", "qas": qas}]}]})
+    paragraph = {"context": "Paris is big.", "qas": qas}
+    return json.dumps({"version": version, "data": [{"title": "T", "paragraphs": [paragraph]}]})
 
 
 @pytest.mark.parametrize("content, message", [

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import SHARED, compose_config
-from flan_squad.utils.errors import ConfigError
+from flan_squad.data.squad import read_squad_file
 from flan_squad.evaluate import evaluate
-from flan_squad.export import export
 from flan_squad.evaluation.inference import answer_questions
 from flan_squad.evaluation.metrics import score
+from flan_squad.export import export
 from flan_squad.predict import predict
 from flan_squad.report import build_report, table_rows
 from flan_squad.runs.restore import RunError, load_run
-from flan_squad.data.squad import read_squad_file
 from flan_squad.train import train
+from flan_squad.utils.errors import ConfigError
 
 # fp32 also where the CPU has native bf16: the round trips below compare answers across other batchings and
 # against a merged export, equal in exact arithmetic; in bf16 the rounding depends on batch shapes.
@@ -55,7 +55,8 @@ def test_evaluate_a_run_reproduces_its_validation(lora_run, tmp_path, cache_dir)
     cfg = compose_config([*SMALL, f"run_dir={lora_run}"], config_name="evaluate", output_dir=tmp_path, cache=cache_dir)
     metrics = evaluate(cfg)
     trained = json.loads((lora_run / "metrics.json").read_text())
-    assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((lora_run / "predictions.json").read_text())
+    assert (json.loads((tmp_path / "predictions.json").read_text())
+            == json.loads((lora_run / "predictions.json").read_text()))
     assert json.loads((tmp_path / "na_probs.json").read_text()) == pytest.approx(
         json.loads((lora_run / "na_probs.json").read_text()), rel=1e-4)
     for key in ("exact", "f1", "total", "HasAns_total", "NoAns_total", "multi_window_questions"):
@@ -130,8 +131,9 @@ def test_predict_computes_in_evaluations_precision(tmp_path, cache_dir):
     # evaluate in bf16-mixed only if it computes in bf16 as Lightning does (and batches as evaluation does).
     settings = ["model=t5_tiny", "dataset=squad_v1", "dataset.max_source_length=96", "dataset.eval_batch_size=4",
                 "eval.stride=32", "eval.max_new_tokens=8"]
-    evaluated = evaluate(compose_config([*settings, "dataset.limit_val=8", "trainer=cpu", "trainer.precision=bf16-mixed"],
-                                        config_name="evaluate", output_dir=tmp_path, cache=cache_dir))
+    evaluated = evaluate(compose_config(
+        [*settings, "dataset.limit_val=8", "trainer=cpu", "trainer.precision=bf16-mixed"],
+        config_name="evaluate", output_dir=tmp_path, cache=cache_dir))
     assert evaluated["precision"] == "bf16-mixed"
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     questions = [q for q in read_squad_file(SHARED / "data/squad/v1.1/dev-v1.1.json")[1] if q.id in predictions]
@@ -161,7 +163,8 @@ def test_export_round_trip_gives_the_runs_answers(lora_run, tmp_path):
     batch = tokenizer(["Where is it? It is in Paris."], return_tensors="pt")
     labels = tokenizer(["Paris"], return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.allclose(run.model(**batch, labels=labels).logits, exported(**batch, labels=labels).logits, atol=1e-4)
+        assert torch.allclose(run.model(**batch, labels=labels).logits, exported(**batch, labels=labels).logits,
+                              atol=1e-4)
     with pytest.raises(RunError, match="not empty"):
         export(lora_run, out)  # never overwrites
 

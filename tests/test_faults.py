@@ -16,11 +16,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import DEV_V1, SHARED, subprocess_env
-from flan_squad.utils.config import PROJECT_ROOT
-from flan_squad.utils.errors import RunDirError
+from flan_squad.data.squad import DataError, read_squad_file
 from flan_squad.runs.lifecycle import Run
 from flan_squad.runs.lock import hold
-from flan_squad.data.squad import DataError, read_squad_file
+from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.utils.errors import RunDirError
 
 # A tiny full fine-tuning on SQuAD v2 (so it writes na_probs.json), with the default callbacks and no logger.
 TINY = ["experiment=smoke", "strategy=full", "dataset.limit_train=8", "dataset.limit_val=4", "trainer.max_epochs=1",

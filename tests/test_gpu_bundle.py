@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 from conftest import DEV_V1, SHARED
-
 from flan_squad.data.squad import read_squad_file
 from flan_squad.utils.config import PROJECT_ROOT
 

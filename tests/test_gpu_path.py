@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import tomllib
 import torch
-from conftest import compose_config
 from hydra.utils import instantiate
 
-from flan_squad.utils.precision import auto_precision
+from conftest import compose_config
 from flan_squad.runs.cost import CostMonitor
 from flan_squad.runs.trainer import full_model_on_rank_zero
 from flan_squad.train import train
 from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.utils.precision import auto_precision
 
 
 class _Strategy:
@@ -187,11 +187,11 @@ def test_fsdp_adapters_are_saved_from_the_gathered_model(tmp_path, tiny_base, mo
     # while the state dict's keys do not: model/adapter_model.safetensors was written with no tensor. The LoRA model
     # wrapped as training wraps it (each T5 block), in a one-process gloo group, saved inside the gather.
     import torch.distributed as dist
-    from conftest import make_strategy
     from lightning.pytorch.strategies import FSDPStrategy
     from safetensors.torch import load_file
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    from conftest import make_strategy
     from flan_squad.runs.trainer import t5_fsdp_strategy
 
     strategy = make_strategy("lora")

@@ -9,15 +9,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import DEV_V1, DEV_V2
 from flan_squad.data.encoding import encode
-from flan_squad.evaluation.inference import (WindowAnswer, answer_windows, collect_answers, combine_windows,
-                                             generate_windows, run_encoder, sequence_logprobs, snap_to_context,
-                                             spellable_by, window_answers)
-from flan_squad.evaluation.metrics import score
 from flan_squad.data.prompts import INSTRUCTIONS, UNANSWERABLE
 from flan_squad.data.squad import read_squad_file
+from flan_squad.evaluation.inference import (
+    WindowAnswer,
+    answer_windows,
+    collect_answers,
+    combine_windows,
+    generate_windows,
+    run_encoder,
+    sequence_logprobs,
+    snap_to_context,
+    spellable_by,
+    window_answers,
+)
+from flan_squad.evaluation.metrics import score
 from flan_squad.evaluation.squad_metric import SquadAnswers
-from conftest import DEV_V1, DEV_V2
 
 
 @pytest.fixture(scope="module")

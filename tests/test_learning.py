@@ -29,7 +29,8 @@ from flan_squad.evaluate import evaluate
 
 def _multirun(run_entry_point, args: list[str], sweep_dir, cache_dir) -> list[dict]:
     result = run_entry_point("flan_squad.train", ["-m", "experiment=learning_check", "logger=csv", "callbacks=none",
-                                                  *args, f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache_dir}"])
+                                                  *args, f"hydra.sweep.dir={sweep_dir}",
+                                                  f"paths.cache_dir={cache_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if (p / "metrics.json").exists()):
@@ -110,7 +111,8 @@ def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache
     assert 0 < by_optimizer["Adafactor"]["optimizer_state_mb"] < 0.05 * adamw_mb
 
 
-# The decoy check (docs/learning.md, "Learning parity"): t5-mini from random init, 2,000 questions, 3 epochs (375 steps), fp32.
+# The decoy check (docs/learning.md, "Learning parity"): t5-mini from random init, 2,000 questions,
+# 3 epochs (375 steps), fp32.
 # Final-epoch F1 / NoAns F1 measured at seeds 0, 1, 2 (AMD EPYC with AVX512-BF16, 1 thread), random init:
 #   OMP_NUM_THREADS=1 python -m flan_squad.train experiment=learning_check <DECOY_MINI> seed=S model.init_seed=S
 #     model.prompt=t5|flan dataset.train_file=<dir>/train.json dataset.validation_file=<dir>/dev.json
@@ -120,7 +122,8 @@ def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache
 # In this test (2 threads, in-process) seed 0 gave 86.0 / 62.9 with t5 and 67.0 / 6.5 with flan: the thread count
 # moves the trajectory. The thresholds pass every seed measured with the t5 format and fail seed 0 (this test's)
 # with FLAN's.
-DECOY_MINI = ["model.prompt=t5", "model.architecture={d_model: 128, d_kv: 32, num_layers: 3, num_decoder_layers: 3, num_heads: 4, "
+DECOY_MINI = ["model.prompt=t5",
+              "model.architecture={d_model: 128, d_kv: 32, num_layers: 3, num_decoder_layers: 3, num_heads: 4, "
               "d_ff: 384, dropout_rate: 0.0}", "strategy=full", "strategy.lr=1e-3", "trainer.max_epochs=3",
               "trainer.precision=32-true", "seed=0", "dataset=squad_v2", "dataset.limit_train=null",
               "dataset.limit_val=null", "dataset.max_source_length=128"]
@@ -140,8 +143,8 @@ def test_unanswerable_questions_with_a_decoy_fact_are_learned(tmp_path, cache_di
 
 
 def test_planted_task_is_seeded_and_answerable_by_reading(tmp_path):
-    from flan_squad.data.squad import read_squad_file
     from flan_squad.data.planted import build, make_split
+    from flan_squad.data.squad import read_squad_file
 
     texts = ["First real sentence. Second one.", "Another paragraph here."]
     assert make_split(texts, 50, "v2", seed=3, prefix="x") == make_split(texts, 50, "v2", seed=3, prefix="x")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_strategy
 
 from benchmarks.arithmetic import strategy_bytes, t5_parameters
+from conftest import make_strategy
 from flan_squad.models.base import BaseModel
 from flan_squad.runs.cost import CostMonitor, PeakMemory, memory_account
 

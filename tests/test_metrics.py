@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flan_squad.evaluation.metrics import ScoreError, normalize_answer, score
 from flan_squad.data.squad import Question
+from flan_squad.evaluation.metrics import ScoreError, normalize_answer, score
 
 
 def q(qid, *answers):

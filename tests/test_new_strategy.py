@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED, compose_config
-from flan_squad.models.base import count_parameters
 from flan_squad.data.squad import read_squad_file
 from flan_squad.export import export
+from flan_squad.models.base import count_parameters
 from flan_squad.predict import predict
 from flan_squad.report import build_report
 from flan_squad.runs.restore import load_run

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import compose_config
-from flan_squad.utils.precision import auto_precision
-from flan_squad.utils.errors import ConfigError
-from flan_squad.runs.trainer import make_trainer
 from flan_squad.models.qa_module import SquadQAModule
 from flan_squad.models.strategies import QLoRA
+from flan_squad.runs.trainer import make_trainer
 from flan_squad.train import train
+from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.precision import auto_precision
 
 
 def _device(monkeypatch, cuda: bool, cuda_bf16: bool, cpu_bf16: bool) -> None:

@@ -20,8 +20,8 @@ import pytest
 from conftest import compose_config
 from flan_squad.train import train
 
-SETTINGS = ["experiment=learning_check", "model.prompt=flan", "strategy=full", "dataset=planted_v1", "dataset.limit_train=320",
-            "dataset.limit_val=50", "trainer.max_epochs=2", "trainer.precision=32-true",
+SETTINGS = ["experiment=learning_check", "model.prompt=flan", "strategy=full", "dataset=planted_v1",
+            "dataset.limit_train=320", "dataset.limit_val=50", "trainer.max_epochs=2", "trainer.precision=32-true",
             "trainer.log_every_n_steps=1", "logger=csv", "callbacks=none"]
 # optimizer step -> training loss (20 steps an epoch); validation F1 after each epoch (50 questions: 2 points each)
 EXPECTED_LOSS = {0: 10.966602, 9: 5.989005, 19: 3.929667, 29: 2.855822, 39: 2.751623}

@@ -14,11 +14,11 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import compose_config, subprocess_env
+from flan_squad.runs.lifecycle import prepare_run_dir
+from flan_squad.train import train
 from flan_squad.utils.config import PROJECT_ROOT
 from flan_squad.utils.errors import RunDirError, TrainingError
 from flan_squad.utils.files import write_dir_atomic, write_json_atomic
-from flan_squad.runs.lifecycle import prepare_run_dir
-from flan_squad.train import train
 
 TESTS = Path(__file__).parent
 # 32 questions in batches of 4: 8 steps an epoch, 16 in all; a rolling last.ckpt after every step.
@@ -113,8 +113,9 @@ def _assert_same_tensors(resumed, reference, where: str = "") -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adafactor"])
 def test_each_optimizer_resumes_to_the_uninterrupted_weights_and_state(optimizer, tmp_path, cache_dir):
-    from fault_injection import InjectedCrash
     import torch
+
+    from fault_injection import InjectedCrash
 
     args = [*SHORT, f"optimizer={optimizer}"]
     with pytest.raises(InjectedCrash):
@@ -137,8 +138,9 @@ def test_early_stopping_count_survives_a_crash_and_resume(tmp_path, cache_dir):
     # steps an epoch. The crash as step 5 starts (the third epoch's second) resumes from the checkpoint written after
     # step 4, when the second epoch's validation had counted one epoch without improvement: the resumed run must stop
     # where the uninterrupted one does, not count from 0 again (which would train two more epochs).
-    from fault_injection import InjectedCrash
     import torch
+
+    from fault_injection import InjectedCrash
 
     args = [*SHORT, "dataset.limit_train=8", "trainer.max_epochs=8", "callbacks=early_stopping",
             "callbacks.early_stopping.patience=2"]

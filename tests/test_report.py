@@ -11,8 +11,8 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from flan_squad.report import build_report, main
 from conftest import STRATEGY_NAMES, make_strategy
+from flan_squad.report import build_report, main
 from flan_squad.reporting.runs import find_run_dirs, group, read_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

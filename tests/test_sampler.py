@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DistributedSampler
 
-from flan_squad.data.sampler import LengthGroupedSampler
-
-from flan_squad.data.datamodule import SquadDataModule
 from conftest import DEV_V1, SQUAD
+from flan_squad.data.datamodule import SquadDataModule
+from flan_squad.data.sampler import LengthGroupedSampler
 
 
 @settings(max_examples=60, deadline=None)

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from transformers import AutoModelForSeq2SeqLM
 
 from conftest import compose_config, subprocess_env
-from flan_squad.utils.config import PROJECT_ROOT, compose
 from flan_squad.evaluate import evaluate
+from flan_squad.utils.config import PROJECT_ROOT, compose
 
 
 def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_dir):
@@ -87,9 +87,10 @@ def test_fsdp_lora_keeps_its_trained_adapters_and_ranks_generate_in_step(tmp_pat
     # wrappers' prefix while the checkpoint's keys do not (every adapter was dropped: validation and model/ then used
     # untrained ones). Rank 1's answers end at once (ShardProbe) while rank 0's go on: every forward pass gathers
     # weights from both, so rank 1 keeps stepping (synced generation) or rank 0 waits forever.
+    from safetensors.torch import load_file
+
     from conftest import make_strategy
     from flan_squad.models.base import count_parameters
-    from safetensors.torch import load_file
 
     run_dir = tmp_path / "fsdp_lora"
     metrics = _fsdp_run(run_dir, cache_dir, "strategy=lora")

@@ -14,16 +14,16 @@ import pytest
 
 from conftest import SQUAD
 from flan_squad import score as score_cli
-from flan_squad.utils.config import PROJECT_ROOT
-from flan_squad.evaluation.metrics import score
 from flan_squad.data.squad import Question
+from flan_squad.evaluation.metrics import score
+from flan_squad.utils.config import PROJECT_ROOT
 
 GOLDEN = {path.stem: json.loads(path.read_text(encoding="utf-8"))
           for path in sorted((Path(__file__).parent / "golden").glob("*.json"))}
 CASES = [(name, case["name"]) for name, golden in GOLDEN.items() for case in golden["cases"]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dev(data_file: str) -> dict:
     return json.loads((SQUAD / data_file).read_text(encoding="utf-8"))
 

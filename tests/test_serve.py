@@ -21,8 +21,8 @@ from flan_squad.data.squad import read_squad_file
 from flan_squad.evaluation.metrics import apply_threshold, score
 from flan_squad.predict import predict
 from flan_squad.runs.answering import Answerer
-from flan_squad.utils.errors import ConfigError
 from flan_squad.train import train
+from flan_squad.utils.errors import ConfigError
 
 # fp32 also where the CPU has native bf16: answers compared across batchings are equal in exact arithmetic only.
 RUN = ["experiment=smoke", "dataset=squad_v2", "dataset.limit_train=8", "dataset.limit_val=8",

@@ -9,9 +9,9 @@ import subprocess
 import time
 
 import torch
-from test_reliability import RUN, _command, _env
 
 from flan_squad.utils.config import PROJECT_ROOT
+from test_reliability import RUN, _command, _env
 
 
 def _checkpoint_step(run_dir) -> int:
@@ -21,7 +21,8 @@ def _checkpoint_step(run_dir) -> int:
 def test_sigterm_saves_a_checkpoint_says_interrupted_exits_143_and_resumes(tmp_path, cache_dir, run_entry_point):
     run_dir, marker = tmp_path / "run", tmp_path / "step"
     # A rolling checkpoint every 4 steps: the one at the signal's step is the interruption's own.
-    args = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}", "callbacks.last_checkpoint.every_n_train_steps=4"]
+    args = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}",
+            "callbacks.last_checkpoint.every_n_train_steps=4"]
     slow = ["+callbacks.slow._target_=fault_injection.SlowSteps", f"+callbacks.slow.marker={marker}"]
     process = subprocess.Popen(_command(args + slow), cwd=PROJECT_ROOT, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -52,8 +53,8 @@ def test_sigint_stops_a_sweep_job_at_a_step_with_130_and_the_sweep_with_it(tmp_p
     # In this process: the callback sends SIGINT (Ctrl-C) to it as step 3 starts; the sweep's second job never runs.
     sweep = tmp_path / "sweep"
     args = [f"paths.cache_dir={cache_dir}", "callbacks.last_checkpoint.every_n_train_steps=100"]
-    ctrl_c = ["+callbacks.sigint._target_=fault_injection.SignalAtStep", f"+callbacks.sigint.signum={int(signal.SIGINT)}",
-              "+callbacks.sigint.step=3"]
+    ctrl_c = ["+callbacks.sigint._target_=fault_injection.SignalAtStep",
+              f"+callbacks.sigint.signum={int(signal.SIGINT)}", "+callbacks.sigint.step=3"]
     result = run_entry_point("flan_squad.train", ["-m", *RUN, *args, *ctrl_c, "strategy.lr=1e-3,3e-3",
                                                   f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 130, result.stderr[-3000:]

@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config
-from slurm_cluster import array_id, job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 import torch
 from safetensors.torch import load_file
 
-from flan_squad.utils.config import PROJECT_ROOT
+from conftest import compose_config
 from flan_squad.evaluate import evaluate
 from flan_squad.report import build_report
+from flan_squad.utils.config import PROJECT_ROOT
+from slurm_cluster import array_id, job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -91,7 +91,8 @@ def test_two_task_job_takes_its_ranks_from_slurm_and_answers_like_one_process(sl
     assert single["f1"] == metrics["f1"] and single["total"] == 13
 
 
-def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_path, cache_dir, run_entry_point, request):
+def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_path, cache_dir, run_entry_point,
+                                                                    request):
     sweep = tmp_path / "preempted"
     # 32 questions in batches of 4, 2 epochs: 16 steps, slowed down so the signals land mid-epoch.
     run = ["experiment=smoke", "strategy=lora", "dataset.limit_train=32", "dataset.batch_size=4",
@@ -132,13 +133,15 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "completed"
     assert not list((sweep / "0").glob("hpc_ckpt_*.ckpt"))  # Lightning's, written mid-step: superseded by last.ckpt
     interrupted = json.loads((sweep / "1" / "status.json").read_text())
-    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM" and 4 <= interrupted["step"] < 8
+    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    assert 4 <= interrupted["step"] < 8
     assert not (sweep / "1" / "metrics.json").exists()
 
     # Resubmitted (here, run in this process) with resume=true, job 1 finishes too; both end as uninterrupted runs do.
     # In this process as in the jobs, one thread (cpus_per_task=1): bf16-mixed sums in another order with two, and
     # the weights then differ by ~4e-4 whatever the resume does (measured for t5_tiny's inputs).
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    threads = torch.get_num_threads()  # read now, before the change below: restored as it was
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)
     resumed = run_entry_point("flan_squad.train", run + ["strategy.lr=3e-3", f"hydra.run.dir={sweep / '1'}",
                                                          "resume=true"])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
 from safetensors.torch import load_file
-from slurm_cluster import job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 
+from conftest import compose_config
 from flan_squad.train import train
+from slurm_cluster import job_dirs, job_states, local_cluster, run_sweep, slow_step, wait_until
 
 pytestmark = pytest.mark.slurm
 

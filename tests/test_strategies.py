@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from conftest import STRATEGY_NAMES, compose_config, make_strategy
-from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.data.encoding import collate, encode
-from flan_squad.evaluation.inference import answer_windows
 from flan_squad.data.prompts import UNANSWERABLE
 from flan_squad.data.squad import Question
+from flan_squad.evaluation.inference import answer_windows
+from flan_squad.models.base import BaseModel, count_parameters
 from flan_squad.models.strategies import FullFineTuning, LoRA, Strategy
-
 
 # Larger steps than a real run's, so that a few steps on one batch move the model: full fine-tuning moves every
 # weight; IA3's vectors (one per layer, starting at 1) need the largest. A new strategy gets the default.
@@ -30,7 +29,8 @@ def batch(tokenizer):
     questions = [
         Question("q1", "Where is the tower?", "The Eiffel Tower is in Paris, France.", ("Paris",), (24,)),
         Question("q2", "What colour is the sky?", "On a clear day the sky is blue.", ("blue",), (26,)),
-        Question("q3", "Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.", ("William Shakespeare",), (32,)),
+        Question("q3", "Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.",
+                 ("William Shakespeare",), (32,)),
         Question("q4", "When did it end?", "The war ended in 1945 after six years.", ("1945",), (17,)),
     ]
     encoded = encode(questions, tokenizer, "v1", 128, 16)

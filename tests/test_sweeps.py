@@ -11,10 +11,9 @@ import pytest
 from hydra.types import RunMode
 
 from conftest import compose_config
-from flan_squad.utils.config import compose
 from flan_squad.report import build_report
 from flan_squad.train import train
-
+from flan_squad.utils.config import compose
 
 # The smallest real runs: a few questions of the (small) v2 files, one epoch, short answers, no checkpoints.
 TINY = ["dataset.limit_train=8", "dataset.limit_val=4", "trainer.max_epochs=1", "eval.max_new_tokens=4",

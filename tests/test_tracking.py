@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient  # the tracking extra (make install installs it)
 
 from conftest import compose_config, subprocess_env
-
-from mlflow.tracking import MlflowClient  # the tracking extra (make install installs it)
 
 # A few questions of the (small) v2 files, short answers: the cheapest runs that still validate.
 SMALL = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=8", "dataset.limit_val=4",
@@ -178,8 +177,8 @@ def test_a_sweep_is_a_parent_run_and_its_failed_job_a_failed_run(server, tmp_pat
 def test_a_sweep_whose_jobs_all_completed_ends_finished(server, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from flan_squad.utils.config import CONFIG_DIR
     from flan_squad.runs.tracking import MLflowTracking
+    from flan_squad.utils.config import CONFIG_DIR
 
     sweep = tmp_path / "sweep"
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

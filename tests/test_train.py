@@ -1,4 +1,5 @@
-"""End to end: the smoke runs in-process for each strategy, and the command line (as a multirun: tests/test_sweeps.py)."""
+"""End to end: the smoke runs in-process for each strategy,
+and the command line (as a multirun: tests/test_sweeps.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoTokenizer
 
 from conftest import compose_config
 from flan_squad.evaluation.metrics import score
 from flan_squad.train import train
-from transformers import AutoTokenizer
 
 REQUIRED = {"exact", "f1", "total", "strategy", "model", "init", "trainable_params", "total_params",
-            "train_time_s", "train_examples_per_s", "peak_memory_mb", "peak_val_memory_mb", "dataset", "train_examples", "val_examples"}
+            "train_time_s", "train_examples_per_s", "peak_memory_mb", "peak_val_memory_mb", "dataset", "train_examples",
+            "val_examples"}
 V2_KEYS = {f"{part}_{k}" for part in ("HasAns", "NoAns") for k in ("exact", "f1", "total")}
 
 

@@ -7,20 +7,20 @@ import subprocess
 import sys
 
 import pytest
+from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import DEV_V1, DEV_V2, compose_config, subprocess_env
-from flan_squad.utils.config import PROJECT_ROOT
 from flan_squad.data.datamodule import SquadDataModule
-from flan_squad.utils.errors import ConfigError
-from flan_squad.models.base import BaseModel
-from flan_squad.evaluation.metrics import score
-from flan_squad.predict import predict
 from flan_squad.data.squad import DataError, Question, read_squad_file
+from flan_squad.evaluation.metrics import score
+from flan_squad.models.base import BaseModel
 from flan_squad.models.strategies import QLoRA
+from flan_squad.predict import predict
+from flan_squad.utils.config import PROJECT_ROOT
+from flan_squad.utils.errors import ConfigError
 
 
 @pytest.mark.parametrize("override, message", [

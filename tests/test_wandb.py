@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 from omegaconf import OmegaConf
-
 from wandb.proto import wandb_internal_pb2  # the tracking extra (make test installs it)
 
 SMALL = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=8", "dataset.limit_val=4",

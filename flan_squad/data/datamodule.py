@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -17,12 +17,12 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
 
 import flan_squad.data.planted as planted
-from flan_squad.utils.errors import ConfigError, error_line
 from flan_squad.data.encoding import Encoded, Features, collate, encode
 from flan_squad.data.prompts import PROMPTS, VERSIONS
-from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 from flan_squad.data.records import Columns, read_data_file, read_hub
+from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 from flan_squad.data.squad import DataError, Question
+from flan_squad.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
 """SQuAD questions as model inputs: the prompt around each context (`flan_squad.data.prompts`; only the context is ever
-cut, so the model always sees the whole instruction and question), tokenized, truncated for training or split into overlapping windows for
-evaluation, and padded per batch.
+cut, so the model always sees the whole instruction and question), tokenized, truncated for training or split into
+overlapping windows for evaluation, and padded per batch.
 
 Reading order: `encode` -> `Features` (a Dataset over the encoded questions) -> `collate`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

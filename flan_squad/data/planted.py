@@ -150,14 +150,16 @@ def build_decoy_task(out_dir: str | Path, shared_dir: str | Path) -> Path:
 def build(out_dir: str | Path, shared_dir: str | Path, seed: int = 0) -> Path:
     """Write {v1,v2}/{train,dev}.json under `out_dir` (train and dev plant into disjoint paragraphs)."""
     missing = [(v, version, s, split, n) for v, version in enumerate(("v1", "v2"))
-               for s, (split, n) in enumerate(SIZES.items()) if not (Path(out_dir) / version / f"{split}.json").exists()]
+               for s, (split, n) in enumerate(SIZES.items())
+               if not (Path(out_dir) / version / f"{split}.json").exists()]
     if missing:  # read the SQuAD file only to build
         texts = paragraphs(shared_dir)
         split_at = len(texts) * 4 // 5
         pools = {"train": texts[:split_at], "dev": texts[split_at:]}
         for v, version, s, split, n in missing:
             write_json_atomic(Path(out_dir) / version / f"{split}.json",
-                              make_split(pools[split], n, version, seed * 100 + 10 * v + s, f"planted-{version}-{split}"))
+                              make_split(pools[split], n, version, seed * 100 + 10 * v + s,
+                                         f"planted-{version}-{split}"))
     return Path(out_dir)
 
 

@@ -4,7 +4,7 @@ that resumes mid-epoch where an interrupted run stopped."""
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import DataLoader, Sampler
 

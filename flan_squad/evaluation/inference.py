@@ -25,8 +25,8 @@ import functools
 import math
 import unicodedata
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ from torch import nn
 from flan_squad.data.encoding import collate, encode
 from flan_squad.data.prompts import answer_to_prediction, no_answer_target
 from flan_squad.data.squad import Question
-
 
 # --- 1. one answer per window, with the model's scores -------------------------------------------------
 
@@ -152,7 +151,7 @@ def combine_windows(windows: Sequence[WindowAnswer]) -> tuple[WindowAnswer | Non
 def spellable_by(tokenizer) -> Callable[[str], bool]:
     """Whether the tokenizer can write a character (T5's vocabulary lacks e.g. "{", "<", "ï")."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def spellable(ch: str) -> bool:
         return tokenizer.unk_token_id not in tokenizer(ch, add_special_tokens=False).input_ids
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from flan_squad.data.squad import Question
 from flan_squad.utils.errors import FlanSquadError

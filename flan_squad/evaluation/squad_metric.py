@@ -13,15 +13,15 @@ AUROC.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from flan_squad.data.squad import Question
 from flan_squad.evaluation.inference import Answers, WindowAnswer, collect_answers, spellable_by, window_answers
 from flan_squad.evaluation.metrics import score
-from flan_squad.data.squad import Question
 
 
 class Validation:

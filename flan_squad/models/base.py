@@ -77,7 +77,7 @@ class BaseModel:
     init_seed: int = 0
     cache_dir: str = "outputs/.cache"
     note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
-    random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. the FLAN-T5 one (all sizes share it)
+    random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. FLAN-T5's (all sizes share it)
     prompt: str = "flan"
 
     def __post_init__(self):

@@ -8,18 +8,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from flan_squad.models.base import BaseModel, count_parameters, unwrapped_name
-from flan_squad.utils.errors import ConfigError, TrainingError
-from flan_squad.utils.rng import capture_rng_states, restore_rng_states
 from flan_squad.data.prompts import no_answer_target
 from flan_squad.evaluation.inference import generate_windows, run_encoder
 from flan_squad.evaluation.squad_metric import SquadAnswers
+from flan_squad.models.base import BaseModel, count_parameters, unwrapped_name
+from flan_squad.utils.errors import ConfigError, TrainingError
+from flan_squad.utils.rng import capture_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
 

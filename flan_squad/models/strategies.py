@@ -14,15 +14,16 @@ fields, so adding a strategy means one class here and one YAML file `conf/strate
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from flan_squad.models.base import BaseModel, unwrapped_name
-from flan_squad.utils.precision import bf16_is_native, precision_dtype
 from flan_squad.utils.errors import ConfigError, error_line
+from flan_squad.utils.precision import bf16_is_native, precision_dtype
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ class QLoRA(LoRA):
         try:
             import bitsandbytes.nn
         except ImportError:
-            raise ConfigError("strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
+            raise ConfigError(
+                "strategy=qlora needs bitsandbytes (pip install bitsandbytes), or use strategy=lora") from None
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 

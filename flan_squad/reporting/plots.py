@@ -165,8 +165,8 @@ def _heatmap(settings: list[Setting], key: str, path: Path) -> Path | None:
     for ax, ((dataset, strategy), title, lrs, capacities, f1) in zip(axes[0], panels):
         grid = [[f1.get((lr, capacity), math.nan) for lr in lrs] for capacity in capacities]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-        for i, capacity in enumerate(capacities):
-            for j, lr in enumerate(lrs):
+        for i, _capacity in enumerate(capacities):
+            for j, _lr in enumerate(lrs):
                 value = grid[i][j]
                 ax.text(j, i, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center",
                         color="white" if math.isnan(value) or value < (image.norm.vmax + image.norm.vmin) / 2

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from flan_squad.utils.errors import FlanSquadError
 from flan_squad.runs.status import STATUS_FILE
+from flan_squad.utils.errors import FlanSquadError
 
 RUN_MARKERS = ("metrics.json", STATUS_FILE, ".hydra/overrides.yaml")
 

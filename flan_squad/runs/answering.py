@@ -1,8 +1,8 @@
 """Answer plain questions as a run's scores were computed: the one answering path of `predict` and `serve`.
 
 `Answerer.from_config(cfg)` restores the model (`run_dir=...`, or a base model), on cfg's device and in its precision,
-with the settings the run was scored with: its config.yaml's `eval` section (windows, generation length, beams, snapping) and
-`dataset.max_source_length`, each unless the command line sets it. `Answerer.answer` goes through
+with the settings the run was scored with: its config.yaml's `eval` section (windows, generation length, beams,
+snapping) and `dataset.max_source_length`, each unless the command line sets it. `Answerer.answer` goes through
 `evaluation.inference.answer_questions`, validation's own choices (context windows, the best window, snapping, v2
 no-answer probabilities), then applies the no-answer threshold that `no_answer_threshold` names:
 - null: none, as metrics.json's `exact`/`f1` were scored ("" only where the model itself says there is no answer);
@@ -13,9 +13,10 @@ no-answer probabilities), then applies the no-answer threshold that `no_answer_t
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict

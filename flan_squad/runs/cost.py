@@ -130,8 +130,9 @@ def _mb(n: float) -> float:
 
 
 class CostMonitor(L.Callback):
-    """Times the training loop (validation and checkpoint writing excluded), counts what it processed, and reads peak memory: training's
-    and validation's apart (validation generates with another batch size, and would hide what training needs).
+    """Times the training loop (validation and checkpoint writing excluded), counts what it processed, and reads peak
+    memory: training's and validation's apart (validation generates with another batch size, and would hide what
+    training needs).
 
     The run's own memory is the peak above what the process held just before the model was built (`setup` runs
     before `configure_model`): on CPU the interpreter, torch and the data (hundreds of MB) are not the strategy's

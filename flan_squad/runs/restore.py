@@ -23,8 +23,8 @@ from torch import nn
 
 from flan_squad.models import strategies
 from flan_squad.models.base import BaseModel
-from flan_squad.utils.errors import FlanSquadError
 from flan_squad.models.strategies import Strategy
+from flan_squad.utils.errors import FlanSquadError
 
 
 class RunError(FlanSquadError, ValueError):

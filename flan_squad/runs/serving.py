@@ -15,9 +15,10 @@ A bad request gets a 4xx with a one-line `{"error": ...}`, and never reaches the
 # annotations, and those models are made inside `make_app` (their limits are the server's options).
 import asyncio
 import itertools
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

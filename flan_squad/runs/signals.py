@@ -17,8 +17,8 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint

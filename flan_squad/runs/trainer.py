@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
-from flan_squad.utils.precision import check_precision
 from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.precision import check_precision
 
 
 def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, callbacks: list | None = None,
@@ -80,7 +80,8 @@ def t5_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", **kwargs):
 def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
     """Entered by every process: under FSDP, rank 0's model holds its full weights inside (each process holds only its
     shard otherwise, and gathering them is a collective that every rank must join); elsewhere, nothing to do."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         yield

@@ -24,7 +24,8 @@ def register_resolvers() -> None:
 def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """conf/<config_name>.yaml with `overrides`, as its entry point would compose it (the one helper tests and
     benchmarks use)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     register_resolvers()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from flan_squad.utils.process import in_multirun
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+
 def is_rank_zero() -> bool:
     """Whether this process is global rank 0 (or the only process): the one that writes a run dir's files.
 
