@@ -157,8 +157,8 @@ def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tm
                                      output_dir=tmp_path / "eval", cache=cache_dir, config_name="evaluate"))
     ran = json.loads((run_dir / "metrics.json").read_text())
     assert scored["total"] == ran["total"] == 8 and 0 <= scored["f1"] <= 100
-    print(f"random init t5-tiny, 8 questions: run f1 {ran['f1']:.2f}, export f1 {scored['f1']:.2f}, "
-          f"max logit gap {gap:.3g}")
+    answered = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+    assert answered.keys() == json.loads((run_dir / "predictions.json").read_text()).keys()
 
 
 def test_fsdp_on_one_gpu_gathers_the_model_without_offloading(monkeypatch):
