@@ -23,6 +23,21 @@ from flan_squad.models.base import BaseModel  # noqa: E402
 from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT, compose  # noqa: E402
 
 SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
+
+# Modules whose tests train through an entry point, start processes or servers, or run a benchmark: `make test`
+# runs them, `make test-fast` (the inner loop) leaves them out.
+SLOW_MODULES = {
+    "test_bench", "test_compare", "test_evaluate", "test_faults", "test_learning", "test_new_strategy",
+    "test_own_data", "test_regression", "test_reliability", "test_resume", "test_scale", "test_serve",
+    "test_signals", "test_sweeps", "test_tracking", "test_train", "test_wandb",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 SQUAD = SHARED / "data" / "squad"
 DEV_V1 = SQUAD / "v1.1" / "dev-v1.1.json"
 DEV_V2 = SQUAD / "v2.0" / "dev-v2.0.reconstructed.json"
