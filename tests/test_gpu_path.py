@@ -82,6 +82,7 @@ class SchedulePlan(L.Callback):
         SchedulePlan.seen = (schedule.keywords["num_training_steps"], steps, trainer.datamodule.batch_size)
 
 
+@pytest.mark.slow  # trains through the entry point
 def test_schedule_is_sized_for_the_batch_size_the_finder_picks(tmp_path, cache_dir):
     cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=4",
                           "dataset.batch_size=2", "trainer.max_epochs=2", "eval.max_new_tokens=4",
@@ -128,6 +129,7 @@ def test_compare_preset_trains_on_the_official_squad_from_the_hub(tmp_path):
     assert cfg.dataset.hub_id == "rajpurkar/squad" and cfg.model.name == "flan-t5-base"
 
 
+@pytest.mark.slow  # trains through the entry point
 def test_qlora_export_says_it_is_not_the_scored_model_and_is_scored_beside_it(tmp_path, cache_dir, run_entry_point):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -245,6 +247,7 @@ class SlowCheckpoint(L.Callback):
         SlowCheckpoint.skipped += SAVE_SECONDS
 
 
+@pytest.mark.slow  # trains through the entry point
 def test_checkpoint_writing_is_not_timed_as_training(tmp_path, cache_dir, monkeypatch):
     # A last.ckpt after each of the 4 steps, and the best one after validation. Timed as training, a full
     # fine-tuning's checkpoints (the whole model) biased its examples/s.
