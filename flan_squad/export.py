@@ -48,17 +48,13 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
             "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
             "prompt": base.prompt,  # ... in this format: model.prompt=<it> when loading it as model.name_or_path
-            "note": export_note(strategy),  # null: it computes what the run scored
+            "note": strategy.export_note,  # null: it computes what the run scored
         })
         if metrics:
             write_model_card(staging, metrics, cfg, run_command(run_dir), exported_by=command_line())
 
     write_dir_atomic(output_dir, write)  # replaces an empty output_dir (checked above)
     return output_dir
-
-
-def export_note(strategy) -> str | None:
-    return getattr(strategy, "export_note", None)
 
 
 register_resolvers()  # conf/ uses them; Hydra resolves the config inside main

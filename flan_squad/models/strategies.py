@@ -52,13 +52,13 @@ class Strategy(Protocol):
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
         """What `save` wrote, on `device`, computing exactly what the trained model computed."""
 
+    export_note: str | None  # how an export differs from the model the run scored (None: it does not)
+    shardable: bool  # FSDP can shard its weights (if not, trainer=fsdp is refused before training starts)
+    freezes_base: bool  # most weights stay frozen (trainer=fsdp unsharded, on one device, is refused)
+
     def export(self, directory: str | Path, base: BaseModel) -> nn.Module:
         """What `save` wrote as one plain transformers model on CPU in full precision (adapters merged), for
         `save_pretrained`: it loads without PEFT or this project."""
-
-    # Optional: `export_note`, a line saying how an export differs from the model the run scored (None: it does not);
-    # `shardable = False`: its weights cannot be sharded by FSDP (trainer=fsdp is refused before training starts);
-    # `freezes_base = True`: most weights stay frozen (trainer=fsdp unsharded, on one device, is refused).
 
     def describe(self) -> dict[str, Any]:
         """How reports show it, as JSON (training writes it into metrics.json["approach"]): `label` (a table
@@ -84,27 +84,39 @@ def _full_precision(base: BaseModel, device: torch.device, gradient_checkpointin
     return model
 
 
-def _save(model: nn.Module, tokenizer, directory: str | Path) -> None:
-    model.save_pretrained(directory)  # a PEFT model writes its adapters only
-    tokenizer.save_pretrained(directory)
+class _Trains:
+    """What every shipped strategy shares: its learning rate and checkpointing, the base in full precision, saving
+    with `save_pretrained`, and the defaults of `Strategy`'s attributes."""
 
+    name: str
+    export_note: str | None = None
+    shardable = True
+    freezes_base = False
 
-class FullFineTuning:
-    """Every parameter trains."""
-
-    name = "full"
-
-    def __init__(self, lr: float = 5e-5, gradient_checkpointing: bool = False):
+    def __init__(self, lr: float, gradient_checkpointing: bool):
         self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
 
     def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
         return _full_precision(base, device, self.gradient_checkpointing)
 
+    def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
+        model.save_pretrained(directory)  # a PEFT model writes its adapters only
+        tokenizer.save_pretrained(directory)
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.name, "capacity": None}
+
+
+class FullFineTuning(_Trains):
+    """Every parameter trains."""
+
+    name = "full"
+
+    def __init__(self, lr: float = 5e-5, gradient_checkpointing: bool = False):
+        super().__init__(lr, gradient_checkpointing)
+
     def build(self, base: BaseModel, device: torch.device) -> nn.Module:
         return self.load_base(base, device)
-
-    def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
-        _save(model, tokenizer, directory)
 
     def load(self, directory: str | Path, base: BaseModel, device: torch.device) -> nn.Module:
         from transformers import AutoModelForSeq2SeqLM
@@ -114,24 +126,14 @@ class FullFineTuning:
     def export(self, directory: str | Path, base: BaseModel) -> nn.Module:
         return self.load(directory, base, _CPU)
 
-    def describe(self) -> dict[str, Any]:
-        return {"label": self.name, "capacity": None}
 
-
-class Adapters:
+class Adapters(_Trains):
     """PEFT adapters on a frozen base: only they train and are saved. A subclass says which (`peft_config`)."""
 
-    name: str
     freezes_base = True
-
-    def __init__(self, lr: float, gradient_checkpointing: bool):
-        self.lr, self.gradient_checkpointing = _check_lr(lr), gradient_checkpointing
 
     def peft_config(self):
         raise NotImplementedError
-
-    def load_base(self, base: BaseModel, device: torch.device) -> nn.Module:
-        return _full_precision(base, device, self.gradient_checkpointing)
 
     def build(self, base: BaseModel, device: torch.device) -> nn.Module:
         from peft import get_peft_model
@@ -139,7 +141,7 @@ class Adapters:
         return get_peft_model(self.load_base(base, device), self.peft_config())
 
     def save(self, model: nn.Module, tokenizer, directory: str | Path) -> None:
-        _save(model, tokenizer, directory)
+        super().save(model, tokenizer, directory)
         named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         if any(unwrapped_name(name) != name for name in named):  # under FSDP (inside its gather: full tensors)
             _save_adapters_by_module_names(model, named, directory)
@@ -155,9 +157,6 @@ class Adapters:
         # Into a full-precision reload of the base, whatever `load_base` trained on: merging into 4-bit
         # weights would round the update away.
         return PeftModel.from_pretrained(base.load(), directory).merge_and_unload()
-
-    def describe(self) -> dict[str, Any]:
-        return {"label": self.name, "capacity": None}
 
 
 def _save_adapters_by_module_names(model: nn.Module, named: dict[str, torch.Tensor], directory: str | Path) -> None:

@@ -104,12 +104,12 @@ def refuse_what_fsdp_cannot_train(trainer: L.Trainer, strategy) -> None:
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         return
-    if not getattr(strategy, "shardable", True):
+    if not strategy.shardable:
         raise ConfigError(f"strategy={strategy.name} with trainer=fsdp: FSDP cannot shard its 4-bit (integer) weights; "
                           f"use trainer=ddp (or trainer=gpu), or strategy=lora to shard")
     unsharded = (trainer.num_nodes * trainer.num_devices == 1
                  or trainer.strategy.sharding_strategy == ShardingStrategy.NO_SHARD)
-    if getattr(strategy, "freezes_base", False) and unsharded:
+    if strategy.freezes_base and unsharded:
         raise ConfigError(f"strategy={strategy.name} with trainer=fsdp on one device (or sharding_strategy=NO_SHARD): "
                           f"torch's FSDP cannot train frozen weights unsharded; use trainer=gpu on one device, or "
                           f"trainer.devices=2 or more (FULL_SHARD)")
