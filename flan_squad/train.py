@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         parts = build_parts(cfg)
         base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
-        base.checkpoint()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
+        base.weights_path()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
         datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
         module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
                                          optimizer=instantiate(cfg.optimizer))

@@ -57,7 +57,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             config = instance.config()
             assert {key: getattr(config, key) for key in cfg.model.architecture} == cfg.model.architecture
             if instance.init == "pretrained":
-                assert instance.checkpoint() == cfg.model.name_or_path
+                assert instance.weights_path() == cfg.model.name_or_path
     elif group == "dataset" and option == "records":  # your own files: none until named
         dm = instantiate(cfg.dataset, tokenizer=None)
         assert dm.columns == Columns.from_config(compose_config([], output_dir=tmp_path).dataset.columns)

@@ -223,7 +223,7 @@ def test_random_init_is_its_seeds_weights_and_leaves_the_callers_random_state(tm
                      architecture=TINY_ARCHITECTURE, init_seed=3, cache_dir=str(tmp_path))
     torch.manual_seed(11)
     caller = torch.get_rng_state()
-    weights = load_file(Path(base.checkpoint()) / "model.safetensors")
+    weights = load_file(Path(base.weights_path()) / "model.safetensors")
     assert torch.equal(torch.get_rng_state(), caller)
 
     torch.manual_seed(3)

@@ -93,17 +93,18 @@ class BaseModel:
     def label(self) -> str:
         return f"{self.name} ({self.note or ('random init' if self.init == 'random' else 'pretrained')})"
 
-    def checkpoint(self) -> str:
-        """A path or hub id that `from_pretrained` can load."""
+    def weights_path(self) -> str:
+        """A path or hub id that `from_pretrained` can load: for random init, the weights built and saved on the first
+        call (under `cache_dir`, keyed by architecture and seed)."""
         return self.name_or_path if self.init == "pretrained" else str(self._random_checkpoint())
 
     def load(self, **from_pretrained_kwargs) -> nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 
         try:
-            return AutoModelForSeq2SeqLM.from_pretrained(self.checkpoint(), **from_pretrained_kwargs)
+            return AutoModelForSeq2SeqLM.from_pretrained(self.weights_path(), **from_pretrained_kwargs)
         except OSError as e:
-            raise _hub_hint("model", self.checkpoint(), e) from None
+            raise _hub_hint("model", self.weights_path(), e) from None
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -146,7 +147,7 @@ class BaseModel:
                     model.save_pretrained(staging)
                     if not (staging / "config.json").exists():  # transformers writes on distributed rank 0 only
                         raise RuntimeError(f"building {directory} inside a distributed process group wrote nothing: "
-                                           f"call BaseModel.checkpoint() before the process group starts")
+                                           f"call BaseModel.weights_path() before the process group starts")
 
                 write_dir_atomic(directory, save)  # a crash mid-save leaves no half-written checkpoint behind
         return directory
