@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Validation:
+class ValidationPass:
     """One pass of the validation path over a split."""
 
     module: SquadQAModule  # predictions, na_probs, scores, answer_stats, and every window's answer
@@ -52,7 +52,7 @@ class Validation:
     memory_before_model_mb: float | None  # what the process held before the model was loaded: not the evaluation's own
 
 
-def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bool = True) -> Validation:
+def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bool = True) -> ValidationPass:
     """Answer and score cfg's validation split through training's validation path (`SquadQAModule` in a
     Lightning `Trainer.validate`): what `evaluate` runs, and what `benchmarks/evaluation.py` times.
     `restored`: a model already loaded (default: `restore(cfg, device)`)."""
@@ -74,7 +74,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     started = time.perf_counter()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - started
-    return Validation(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind,
+    return ValidationPass(module, datamodule, restored, trainer, seconds, round(peak.read_mb(), 1), peak.kind,
                       None if before is None else round(before, 1))
 
 

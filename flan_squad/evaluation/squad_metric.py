@@ -24,7 +24,7 @@ from flan_squad.evaluation.inference import Answers, WindowAnswer, collect_answe
 from flan_squad.evaluation.metrics import score
 
 
-class Validation:
+class ScoredAnswers:
     """What `SquadAnswers.compute()` gives: the official scores and the answers they scored. A plain class, not a
     dataclass: torchmetrics walks dataclasses in compute()'s result, and `Question`s are frozen ones."""
 
@@ -67,7 +67,7 @@ class SquadAnswers(Metric):
         self.na_logprob.append(torch.full_like(logprob.float(), torch.nan) if na_logprob is None
                                else na_logprob.float())
 
-    def compute(self) -> Validation:
+    def compute(self) -> ScoredAnswers:
         question, window = dim_zero_cat(self.question).cpu(), dim_zero_cat(self.window).cpu()
         tokens, logprob = dim_zero_cat(self.tokens).cpu(), dim_zero_cat(self.logprob).cpu()
         na_logprob = dim_zero_cat(self.na_logprob).cpu()
@@ -82,7 +82,7 @@ class SquadAnswers(Metric):
         windows = {(self.questions[q].id, w): answer for (q, w), answer in zip(keys, answers)}
         questions = [self.questions[i] for i in sorted({q for q, _ in keys})]
         collected = collect_answers(questions, windows, self.snap_to_context, spellable_by(self.tokenizer))
-        return Validation(score(self.version, questions, collected.predictions, collected.na_probs), collected,
+        return ScoredAnswers(score(self.version, questions, collected.predictions, collected.na_probs), collected,
                           questions, windows)
 
     def __repr__(self) -> str:  # the default prints the tokenizer
