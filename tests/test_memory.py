@@ -39,6 +39,24 @@ def test_the_account_is_the_bytes_computed_by_hand(name, tiny_base, cpu):
     assert memory_account(model, [optimizer]) == strategy_bytes(tiny_base.config(), name)
 
 
+@pytest.mark.parametrize("quantize_wo", [False, True])
+def test_quantize_wo_decides_whether_t5s_feed_forward_outputs_are_4bit(quantize_wo, tiny_base, cpu):
+    model = make_strategy("qlora", quantize_wo=quantize_wo).build(tiny_base, cpu)
+    config = tiny_base.config()
+    wo_params = (config.num_layers + config.num_decoder_layers) * config.d_ff * config.d_model
+    wo_modules = [m for name, m in model.named_modules() if name.endswith(".wo")]
+    assert len(wo_modules) == config.num_layers + config.num_decoder_layers
+    account = memory_account(torch.nn.ModuleList(wo_modules))["weights"]
+    # by hand: 4 bytes a value in fp32; else NF4's half a byte a value, a uint8 absmax per 64 values and, per layer,
+    # the 16-value fp32 code, fp32 offset, one fp32 nested absmax (under 256 blocks) and the 256-value nested code
+    blocks = config.d_ff * config.d_model // 64
+    per_layer_4bit = config.d_ff * config.d_model // 2 + blocks + 16 * 4 + 4 + 4 + 256 * 4
+    expected = ({"4bit": (config.num_layers + config.num_decoder_layers) * per_layer_4bit} if quantize_wo
+                else {"fp32": 4 * wo_params})
+    assert account == expected
+    assert memory_account(model) == {**strategy_bytes(config, "qlora", quantize_wo=quantize_wo), "optimizer_state": 0}
+
+
 def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):
     model = make_strategy("full").build(tiny_base, cpu)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # one fp32 buffer per parameter
