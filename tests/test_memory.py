@@ -3,9 +3,12 @@ from the model and optimizer (weights by dtype, gradients, optimizer state), che
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import make_strategy
+from conftest import TINY_ARCHITECTURE, TOKENIZER_DIR, make_strategy
 
 from benchmarks.arithmetic import strategy_bytes, t5_parameters
 from flan_squad.models.base import BaseModel
@@ -55,6 +58,18 @@ def test_quantize_wo_decides_whether_t5s_feed_forward_outputs_are_4bit(quantize_
                 else {"fp32": 4 * wo_params})
     assert account == expected
     assert memory_account(model) == {**strategy_bytes(config, "qlora", quantize_wo=quantize_wo), "optimizer_state": 0}
+
+
+def test_qlora_keeps_no_view_of_the_checkpoint_file(tmp_path, cpu):
+    # its own checkpoint, which nothing else in this process maps
+    base = BaseModel(name="t5-tiny", name_or_path=None, init="random", tokenizer=str(TOKENIZER_DIR),
+                     architecture=TINY_ARCHITECTURE, cache_dir=str(tmp_path))
+    checkpoint = Path(base.checkpoint()) / "model.safetensors"
+    model = make_strategy("qlora").build(base, cpu)
+    gc.collect()
+    assert memory_account(model)["weights"]["4bit"] > 0
+    # a mapping left behind keeps every page that quantisation read resident: the whole fp32 checkpoint
+    assert str(checkpoint) not in Path("/proc/self/maps").read_text()
 
 
 def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):

@@ -211,6 +211,9 @@ class QLoRA(LoRA):
         if compute_dtype != "auto" and precision_dtype(compute_dtype) is None and not dtype_name:
             raise ConfigError(f"strategy.compute_dtype={compute_dtype!r}: expected auto, a torch dtype (bfloat16, "
                               f"float32) or a trainer precision (bf16-mixed, 32-true)")
+        if quantize_wo and getattr(torch, str(compute_dtype), None) is torch.float16:
+            raise ConfigError(f"strategy.compute_dtype={compute_dtype} with strategy.quantize_wo=true: T5's wo "
+                              f"overflows fp16; compute in bfloat16 or float32, or set strategy.quantize_wo=false")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
         self.quantize_wo = quantize_wo
 
@@ -240,6 +243,7 @@ class QLoRA(LoRA):
             ) from e
         if self.quantize_wo:
             _quantize_feed_forward_outputs(model, quantization)
+        _release_checkpoint_mapping(model)
         # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first time
         # the layer runs in eval mode without grad (validation, say). That kernel has no backward (training after
         # it gets no gradient through the 4-bit layers), computes in bf16 whatever compute_dtype says, and its
@@ -273,6 +277,15 @@ def _quantize_feed_forward_outputs(model: nn.Module, quantization) -> None:
         if wo.bias is not None:
             quantized.bias = wo.bias
         block.wo = quantized.to(wo.weight.device)  # quantises the weight
+
+
+def _release_checkpoint_mapping(model: nn.Module) -> None:
+    """The full-precision tensors left on the CPU (embedding, lm_head, layer norms) copied out of the checkpoint file
+    that loading memory-maps: while any tensor views the mapping, every page that quantisation read stays resident
+    (counted in the process's RSS: the whole fp32 checkpoint, for about a fifth of it kept)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and getattr(tensor, "quant_state", None) is None:
+            tensor.data = tensor.data.clone()
 
 
 class IA3(Adapters):
