@@ -16,6 +16,7 @@ benchmarks/results/qlora_memory.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,18 @@ def account_by_component(model: nn.Module) -> dict[str, dict[str, int]]:
     return {name: memory_account(nn.ModuleList(modules))["weights"] for name, modules in groups.items()}
 
 
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now, anonymous and file-backed (mapped files: a memory-mapped checkpoint)."""
+    from flan_squad.runs.cost import PeakMemory
+
+    PeakMemory(torch.device("cpu")).current_mb()  # returns freed heap to the system first
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {kind: int(fields[f"Rss{kind.title()}"].split()[0]) / 1024 for kind in ("anon", "file")}
+
+
 def measure(model_name: str, strategy: str, overrides: list[str]) -> dict:
-    """One variant: the model as a run builds it, one AdamW step, its account by component."""
+    """One variant: the model as a run builds it, one AdamW step, its account by component, and the resident memory
+    the build added (before any step: what a run holds before training touches the weights)."""
     from hydra.utils import instantiate
 
     from flan_squad.runs.cost import memory_account
@@ -67,7 +78,11 @@ def measure(model_name: str, strategy: str, overrides: list[str]) -> dict:
 
     cfg = compose("train", [f"model={model_name}", "model.init=random", f"strategy={strategy}", *overrides])
     base, chosen = instantiate(cfg.model, _convert_="all"), instantiate(cfg.strategy, _convert_="all")
+    base.checkpoint()  # the random-init checkpoint is written once, before anything is measured
+    gc.collect()  # the previous variant's model
+    before = resident_mb()
     model = chosen.build(base, torch.device("cpu"))
+    built = {kind: round(mb - before[kind], 1) for kind, mb in resident_mb().items()}
     optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(2, 1000, (1, 16))
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, :4].contiguous()).loss.backward()
@@ -78,7 +93,7 @@ def measure(model_name: str, strategy: str, overrides: list[str]) -> dict:
     return {"strategy": strategy, "overrides": overrides, "compute_dtype": str(getattr(chosen, "compute_dtype", None)),
             "optimizer": type(optimizer).__name__, "weights_by_component": components, "weights": account["weights"],
             "trainable_params": account["trainable_params"], "gradients": account["gradients"],
-            "optimizer_state": account["optimizer_state"],
+            "optimizer_state": account["optimizer_state"], "resident_after_build_mb": built,
             "total": weights_total + account["gradients"] + account["optimizer_state"]}
 
 
@@ -102,6 +117,9 @@ def table(results: dict) -> str:
             ("share of full fine-tuning's", lambda v: f"{v['total'] / full_total:.3f}"))
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(v) for v in variants.values()) + " |")
+    built = [v["resident_after_build_mb"] for v in variants.values()]
+    lines.append("| resident memory the build added (RSS: anonymous + file-backed) | "
+                 + " | ".join(f"{b['anon']:,.0f} + {b['file']:,.0f}" for b in built) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"note": "random-init weights; bytes read from the tensors (flan_squad.runs.cost.memory_account); "
                        "activations, workspace and allocator slack not included (a run's own peak measures them)",
-               "command": " ".join(["python -m benchmarks.qlora_memory", *(argv if argv is not None else sys.argv[1:])]),
+               "command": " ".join(["python -m benchmarks.qlora_memory", *(sys.argv[1:] if argv is None else argv)]),
                "model": args.model, "machine": machine("cpu"), "variants": {}}
     for label, strategy, overrides in VARIANTS:
         results["variants"][label] = measure(args.model, strategy, overrides)
