@@ -60,6 +60,20 @@ def test_quantize_wo_decides_whether_t5s_feed_forward_outputs_are_4bit(quantize_
     assert memory_account(model) == {**strategy_bytes(config, "qlora", quantize_wo=quantize_wo), "optimizer_state": 0}
 
 
+def test_the_benchmarks_components_add_up_to_the_account(tiny_base, cpu):
+    from benchmarks.qlora_memory import account_by_component
+
+    model = make_strategy("qlora").build(tiny_base, cpu)
+    components = account_by_component(model)
+    assert {name: set(kinds) for name, kinds in components.items()} == {
+        "embedding": {"fp32"}, "lm_head": {"fp32"}, "wo": {"4bit"}, "other linear layers": {"4bit"},
+        "layer norms, relative attention bias": {"fp32"}, "LoRA adapters": {"fp32"}}
+    config = tiny_base.config()
+    assert components["lm_head"] == {"fp32": 4 * config.vocab_size * config.d_model}
+    total = sum(n for kinds in components.values() for n in kinds.values())
+    assert total == sum(memory_account(model)["weights"].values())
+
+
 def test_qlora_keeps_no_view_of_the_checkpoint_file(tmp_path, cpu):
     # its own checkpoint, which nothing else in this process maps
     base = BaseModel(name="t5-tiny", name_or_path=None, init="random", tokenizer=str(TOKENIZER_DIR),
