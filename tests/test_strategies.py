@@ -173,6 +173,18 @@ def test_qlora_weights_really_are_4bit(tiny_base, cpu):
     assert model.base_model.model.is_activation_checkpointing
 
 
+def test_a_qlora_run_dir_from_before_quantize_wo_loads_with_wo_as_it_trained(tmp_path):
+    from omegaconf import OmegaConf
+
+    from flan_squad.runs.restore import build_section
+    from flan_squad.utils.config import CONFIG_DIR
+
+    strategy = OmegaConf.load(CONFIG_DIR / "strategy" / "qlora.yaml")
+    assert build_section(tmp_path, OmegaConf.create({"strategy": strategy}), "strategy").quantize_wo  # conf's default
+    del strategy["quantize_wo"]  # a run's config.yaml written before the option
+    assert not build_section(tmp_path, OmegaConf.create({"strategy": strategy}), "strategy").quantize_wo
+
+
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_saved_result_reloads_with_identical_predictions(name, tiny_base, cpu, batch, tmp_path, as_on_avx512_bf16):
     torch.manual_seed(0)

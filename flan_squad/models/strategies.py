@@ -190,7 +190,8 @@ class QLoRA(LoRA):
     attention biases stay in full precision. transformers' 4-bit loading also leaves T5's feed-forward outputs (`wo`)
     in full precision (`_keep_in_fp32_modules`, a guard against fp16 overflow): `quantize_wo` (the default) quantises
     them too, as this project computes in bf16 or fp32, never fp16 (docs/performance.md, "QLoRA's memory on T5").
-    `count_parameters` reports how many parameters really are 4-bit.
+    conf/strategy/qlora.yaml sets it; a config without it (a run dir from before the option) means false, as those
+    runs trained. `count_parameters` reports how many parameters really are 4-bit.
     """
 
     name = "qlora"
@@ -203,7 +204,7 @@ class QLoRA(LoRA):
     def __init__(self, lr: float = 1e-3, rank: int = 16, alpha: int = 32, dropout: float = 0.05,
                  target_modules: str | Sequence[str] = ("q", "v"), gradient_checkpointing: bool = True,
                  quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
-                 quantize_wo: bool = True):
+                 quantize_wo: bool = False):
         super().__init__(lr, rank, alpha, dropout, target_modules, gradient_checkpointing)
         if quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"strategy.quant_type={quant_type!r}: expected 'nf4' or 'fp4'")
