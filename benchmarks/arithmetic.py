@@ -15,9 +15,10 @@ NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes' blocks: values per absmax, ab
 def t5_parameters(config) -> dict[str, Any]:
     """Parameter counts of a gated-gelu T5 with an untied lm_head (FLAN-T5), from its layout.
 
-    `linear`: the sizes of the stacks' linear layers that 4-bit loading quantises (every one but `wo`, which T5 keeps
-    in full precision, as it does `lm_head` and the embedding); `attention_blocks`: encoder self-, decoder self- and
-    cross-attention modules, each with q, k, v, o."""
+    `linear_4bit`: the sizes of the stacks' linear layers that transformers' 4-bit loading quantises (every one but
+    `wo`, which it keeps in full precision, as it does `lm_head` and the embedding); `wo`: the sizes of the
+    feed-forward output layers; `attention_blocks`: encoder self-, decoder self- and cross-attention modules, each
+    with q, k, v, o."""
     d, inner, d_ff, heads = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.num_heads
     enc, dec, vocab = config.num_layers, config.num_decoder_layers, config.vocab_size
     buckets = config.relative_attention_num_buckets
@@ -28,6 +29,7 @@ def t5_parameters(config) -> dict[str, Any]:
                   + 2 * (buckets * heads + d)),  # relative attention bias and final layer norm of each stack
         "tensors": 2 + 9 * enc + 14 * dec + 4,
         "linear_4bit": [d * inner] * (4 * enc + 8 * dec) + [d * d_ff] * (2 * enc + 2 * dec),
+        "wo": [d_ff * d] * (enc + dec),
         "attention_blocks": enc + 2 * dec,
         "d_model": d, "inner": inner, "d_ff": d_ff, "enc": enc, "dec": dec,
     }
@@ -51,9 +53,10 @@ def ia3_parameters(shapes: dict) -> int:
     return shapes["enc"] * (2 * inner + d_ff) + shapes["dec"] * (4 * inner + d_ff)
 
 
-def strategy_bytes(config, strategy: str, rank: int = 16) -> dict[str, Any]:
+def strategy_bytes(config, strategy: str, rank: int = 16, quantize_wo: bool = True) -> dict[str, Any]:
     """Weights by dtype, gradients and AdamW state (two fp32 moments per trainable parameter and a step count per
-    trainable tensor) that `strategy` holds for this architecture in fp32, with 4-bit NF4 for qlora."""
+    trainable tensor) that `strategy` holds for this architecture in fp32, with 4-bit NF4 for qlora (`wo` included
+    unless `quantize_wo` is false: conf/strategy/qlora.yaml's option)."""
     shapes = t5_parameters(config)
     trained, tensors = {
         "full": (shapes["total"], shapes["tensors"]),
@@ -61,7 +64,7 @@ def strategy_bytes(config, strategy: str, rank: int = 16) -> dict[str, Any]:
         "qlora": (lora_parameters(shapes, rank), shapes["attention_blocks"] * 2 * 2),
         "ia3": (ia3_parameters(shapes), 3 * shapes["enc"] + 5 * shapes["dec"]),
     }[strategy]
-    quantised = shapes["linear_4bit"] if strategy == "qlora" else []
+    quantised = shapes["linear_4bit"] + (shapes["wo"] if quantize_wo else []) if strategy == "qlora" else []
     weights = {"fp32": 4 * (shapes["total"] + (0 if strategy == "full" else trained) - sum(quantised))}
     if quantised:
         weights["4bit"] = sum(map(nf4_bytes, quantised))

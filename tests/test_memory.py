@@ -3,11 +3,14 @@ from the model and optimizer (weights by dtype, gradients, optimizer state), che
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 
 from benchmarks.arithmetic import strategy_bytes, t5_parameters
-from conftest import make_strategy
+from conftest import TINY_ARCHITECTURE, TOKENIZER_DIR, make_strategy
 from flan_squad.models.base import BaseModel
 from flan_squad.runs.cost import CostMonitor, PeakMemory, memory_account
 
@@ -37,6 +40,50 @@ def test_the_account_is_the_bytes_computed_by_hand(name, tiny_base, cpu):
     _one_step(model, optimizer)
     # computed by hand from the architecture alone (benchmarks/arithmetic.py), read from the tensors by the account
     assert memory_account(model, [optimizer]) == strategy_bytes(tiny_base.config(), name)
+
+
+@pytest.mark.parametrize("quantize_wo", [False, True])
+def test_quantize_wo_decides_whether_t5s_feed_forward_outputs_are_4bit(quantize_wo, tiny_base, cpu):
+    model = make_strategy("qlora", quantize_wo=quantize_wo).build(tiny_base, cpu)
+    config = tiny_base.config()
+    wo_params = (config.num_layers + config.num_decoder_layers) * config.d_ff * config.d_model
+    wo_modules = [m for name, m in model.named_modules() if name.endswith(".wo")]
+    assert len(wo_modules) == config.num_layers + config.num_decoder_layers
+    account = memory_account(torch.nn.ModuleList(wo_modules))["weights"]
+    # by hand: 4 bytes a value in fp32; else NF4's half a byte a value, a uint8 absmax per 64 values and, per layer,
+    # the 16-value fp32 code, fp32 offset, one fp32 nested absmax (under 256 blocks) and the 256-value nested code
+    blocks = config.d_ff * config.d_model // 64
+    per_layer_4bit = config.d_ff * config.d_model // 2 + blocks + 16 * 4 + 4 + 4 + 256 * 4
+    expected = ({"4bit": (config.num_layers + config.num_decoder_layers) * per_layer_4bit} if quantize_wo
+                else {"fp32": 4 * wo_params})
+    assert account == expected
+    assert memory_account(model) == {**strategy_bytes(config, "qlora", quantize_wo=quantize_wo), "optimizer_state": 0}
+
+
+def test_the_benchmarks_components_add_up_to_the_account(tiny_base, cpu):
+    from benchmarks.qlora_memory import account_by_component
+
+    model = make_strategy("qlora").build(tiny_base, cpu)
+    components = account_by_component(model)
+    assert {name: set(kinds) for name, kinds in components.items()} == {
+        "embedding": {"fp32"}, "lm_head": {"fp32"}, "wo": {"4bit"}, "other linear layers": {"4bit"},
+        "layer norms, relative attention bias": {"fp32"}, "LoRA adapters": {"fp32"}}
+    config = tiny_base.config()
+    assert components["lm_head"] == {"fp32": 4 * config.vocab_size * config.d_model}
+    total = sum(n for kinds in components.values() for n in kinds.values())
+    assert total == sum(memory_account(model)["weights"].values())
+
+
+def test_qlora_keeps_no_view_of_the_checkpoint_file(tmp_path, cpu):
+    # its own checkpoint, which nothing else in this process maps
+    base = BaseModel(name="t5-tiny", name_or_path=None, init="random", tokenizer=str(TOKENIZER_DIR),
+                     architecture=TINY_ARCHITECTURE, cache_dir=str(tmp_path))
+    checkpoint = Path(base.weights_path()) / "model.safetensors"
+    model = make_strategy("qlora").build(base, cpu)
+    gc.collect()
+    assert memory_account(model)["weights"]["4bit"] > 0
+    # a mapping left behind keeps every page that quantisation read resident: the whole fp32 checkpoint
+    assert str(checkpoint) not in Path("/proc/self/maps").read_text()
 
 
 def test_optimizer_state_is_read_from_the_optimizer_not_assumed(tiny_base, cpu):

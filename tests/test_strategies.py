@@ -159,16 +159,30 @@ def test_qlora_weights_really_are_4bit(tiny_base, cpu):
     model = _for_tests("qlora").build(tiny_base, cpu)
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     names = {n.split(".")[-2] if n.endswith("base_layer") else n.split(".")[-1] for n in four_bit}
-    assert names == {"q", "k", "v", "o", "wi_0", "wi_1"}  # T5 keeps wo (and lm_head) in full precision
-    for module in four_bit.values():
-        assert module.weight.dtype == torch.uint8 and module.weight.quant_state.quant_type == "nf4"
+    assert names == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}  # the embedding and lm_head stay in full precision
+    for name, module in four_bit.items():
+        # wo's is stored in the compute dtype (T5 casts wo's input to its weight's dtype): the same bytes
+        storage = module.compute_dtype if name.endswith(".wo") else torch.uint8
+        assert module.weight.dtype == storage and module.weight.quant_state.quant_type == "nf4"
         assert module.weight.quant_state.nested  # double quantisation
-        assert module.weight.numel() * 2 == module.weight.quant_state.shape.numel()  # two weights a byte
+        assert module.weight.untyped_storage().nbytes() * 2 == module.weight.quant_state.shape.numel()  # 2 a byte
     counts = count_parameters(model)
     assert counts["params_4bit"] == sum(m.weight.quant_state.shape.numel() for m in four_bit.values())
     full = count_parameters(FullFineTuning().build(tiny_base, cpu))
     assert counts["total_params"] == full["total_params"] + counts["trainable_params"]  # base + adapters
     assert model.base_model.model.is_activation_checkpointing
+
+
+def test_a_qlora_run_dir_from_before_quantize_wo_loads_with_wo_as_it_trained(tmp_path):
+    from omegaconf import OmegaConf
+
+    from flan_squad.runs.restore import build_section
+    from flan_squad.utils.config import CONFIG_DIR
+
+    strategy = OmegaConf.load(CONFIG_DIR / "strategy" / "qlora.yaml")
+    assert build_section(tmp_path, OmegaConf.create({"strategy": strategy}), "strategy").quantize_wo  # conf's default
+    del strategy["quantize_wo"]  # a run's config.yaml written before the option
+    assert not build_section(tmp_path, OmegaConf.create({"strategy": strategy}), "strategy").quantize_wo
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)

@@ -30,6 +30,7 @@ from flan_squad.utils.errors import ConfigError
     ("strategy=qlora strategy.lr=-1e-3", "strategy.lr=-0.001"),
     ("strategy=lora strategy.dropout=1.5", "strategy.dropout=1.5"),
     ("strategy=qlora strategy.quant_type=int3", "strategy.quant_type='int3'"),
+    ("strategy=qlora strategy.compute_dtype=float16", "strategy.quantize_wo=false"),
 ])
 def test_invalid_strategy_options(override, message, tmp_path):
     cfg = compose_config(override.split(), output_dir=tmp_path)

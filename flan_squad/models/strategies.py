@@ -204,8 +204,12 @@ class LoRA(Adapters):
 class QLoRA(LoRA):
     """LoRA on a base quantised to 4-bit NF4 with double quantisation, with gradient checkpointing.
 
-    T5 keeps `wo` (feed-forward output), embeddings and `lm_head` unquantised (transformers'
-    `_keep_in_fp32_modules`); `count_parameters` reports how many parameters really are 4-bit.
+    Every linear layer of the encoder and decoder is 4-bit; the embedding, `lm_head`, layer norms and relative
+    attention biases stay in full precision. transformers' 4-bit loading also leaves T5's feed-forward outputs (`wo`)
+    in full precision (`_keep_in_fp32_modules`, a guard against fp16 overflow): `quantize_wo` (the default) quantises
+    them too, as this project computes in bf16 or fp32, never fp16 (docs/performance.md, "QLoRA's memory on T5").
+    conf/strategy/qlora.yaml sets it; a config without it (a run dir from before the option) means false, as those
+    runs trained. `count_parameters` reports how many parameters really are 4-bit.
     """
 
     name = "qlora"
@@ -217,7 +221,8 @@ class QLoRA(LoRA):
 
     def __init__(self, lr: float = 1e-3, rank: int = 16, alpha: int = 32, dropout: float = 0.05,
                  target_modules: str | Sequence[str] = ("q", "v"), gradient_checkpointing: bool = True,
-                 quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto"):
+                 quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
+                 quantize_wo: bool = False):
         super().__init__(lr, rank, alpha, dropout, target_modules, gradient_checkpointing)
         if quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"strategy.quant_type={quant_type!r}: expected 'nf4' or 'fp4'")
@@ -225,7 +230,11 @@ class QLoRA(LoRA):
         if compute_dtype != "auto" and precision_dtype(compute_dtype) is None and not dtype_name:
             raise ConfigError(f"strategy.compute_dtype={compute_dtype!r}: expected auto, a torch dtype (bfloat16, "
                               f"float32) or a trainer precision (bf16-mixed, 32-true)")
+        if quantize_wo and getattr(torch, str(compute_dtype), None) is torch.float16:
+            raise ConfigError(f"strategy.compute_dtype={compute_dtype} with strategy.quantize_wo=true: T5's wo "
+                              f"overflows fp16; compute in bfloat16 or float32, or set strategy.quantize_wo=false")
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
+        self.quantize_wo = quantize_wo
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.compute_dtype == "auto":  # bf16 where it is native; elsewhere (most CPUs) it is 8-25x slower
@@ -252,6 +261,9 @@ class QLoRA(LoRA):
                 f"strategy=qlora: bitsandbytes cannot load 4-bit weights on device {device} ({error_line(e)}); "
                 f"use strategy=lora or another device"
             ) from e
+        if self.quantize_wo:
+            _quantize_feed_forward_outputs(model, quantization)
+        _release_checkpoint_mapping(model)
         # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first time
         # the layer runs in eval mode without grad (validation, say). That kernel has no backward (training after
         # it gets no gradient through the 4-bit layers), computes in bf16 whatever compute_dtype says, and its
@@ -263,6 +275,37 @@ class QLoRA(LoRA):
             model, use_gradient_checkpointing=self.gradient_checkpointing,
             gradient_checkpointing_kwargs=_NON_REENTRANT,
         )
+
+
+def _quantize_feed_forward_outputs(model: nn.Module, quantization) -> None:
+    """T5's feed-forward output layers (`wo`), which 4-bit loading leaves in full precision, quantised as it quantises
+    the others (same quant type, double quantisation and compute dtype)."""
+    import bitsandbytes.nn
+
+    # T5 casts wo's input to wo.weight.dtype (for a full-precision wo): with the 4-bit weight stored in the compute
+    # dtype (same bytes as uint8) that cast is the one Linear4bit makes anyway, where uint8 would destroy the input.
+    storage = quantization.bnb_4bit_compute_dtype
+    for block in [m for m in model.modules() if type(getattr(m, "wo", None)) is nn.Linear]:
+        wo = block.wo
+        quantized = bitsandbytes.nn.Linear4bit(
+            wo.in_features, wo.out_features, bias=wo.bias is not None, compute_dtype=storage,
+            compress_statistics=quantization.bnb_4bit_use_double_quant, quant_type=quantization.bnb_4bit_quant_type,
+            quant_storage=storage, device="meta")
+        quantized.weight = bitsandbytes.nn.Params4bit(
+            wo.weight.data, requires_grad=False, compress_statistics=quantization.bnb_4bit_use_double_quant,
+            quant_type=quantization.bnb_4bit_quant_type, quant_storage=storage, module=quantized)
+        if wo.bias is not None:
+            quantized.bias = wo.bias
+        block.wo = quantized.to(wo.weight.device)  # quantises the weight
+
+
+def _release_checkpoint_mapping(model: nn.Module) -> None:
+    """The full-precision tensors left on the CPU (embedding, lm_head, layer norms) copied out of the checkpoint file
+    that loading memory-maps: while any tensor views the mapping, every page that quantisation read stays resident
+    (counted in the process's RSS: the whole fp32 checkpoint, for about a fifth of it kept)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and getattr(tensor, "quant_state", None) is None:
+            tensor.data = tensor.data.clone()
 
 
 class IA3(Adapters):
