@@ -47,8 +47,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # records "interrupted" and leaves the run resumable; the MLflow run (logger=mlflow) ends with the same status.
     with Run(cfg) as run:
         output_dir = run.output_dir
-        # Refused if the dir holds results (unless overwrite: then set aside until `complete`), or nothing to
-        # resume; writes config.yaml and .hydra/, opens the MLflow run. DDP children get the same checkpoint.
+        # Refused if the dir holds results (unless overwrite: then set aside until `complete`), nothing to resume, or
+        # a resume that changes what the run computes (unless resume=force); writes config.yaml and .hydra/, opens
+        # the MLflow run. DDP children get the same checkpoint.
         ckpt_path = run.start(resume=cfg.resume or requeued(output_dir), ckpt_path=cfg.ckpt_path,
                               overwrite=cfg.overwrite)
         _refuse_ddp_in_local_multirun(cfg)
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **datamodule.stats,
             "best_checkpoint": os.path.relpath(best, output_dir) if best else None,
             "resumed_from": ckpt_path,
+            **({"config_changes": run.config_changes} if run.config_changes else {}),  # resume=force: what changed
             "output_dir": str(output_dir),
         }
         if run.is_rank_zero:
