@@ -1,0 +1,138 @@
+"""What a resume continues with: the run's own config (a change to what it computes is refused, or recorded with
+resume=force), a fresh start for a run stopped before its first checkpoint, and the validation an interruption
+cut short, redone."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from flan_squad.runs.lifecycle import Run
+from flan_squad.runs.resume import RESUMABLE_CHANGES, resume_mode
+from flan_squad.utils.errors import ConfigError, RunDirError, RunInterrupted
+
+SMOKE = ["experiment=smoke", "strategy=full", "dataset=squad_v1"]
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero(monkeypatch):
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def _interrupted_run(run_dir: Path, overrides: list[str], checkpoint: bool = True) -> dict[str, bytes]:
+    """What an interrupted run of `overrides` leaves in `run_dir` (its config.yaml, and a last.ckpt unless the run
+    stopped before its first); returns the files, to compare with what is there later."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(compose_config(overrides, output_dir=run_dir), run_dir / "config.yaml", resolve=True)
+    (run_dir / "status.json").write_text('{"status": "interrupted"}')
+    if checkpoint:
+        (run_dir / "checkpoints").mkdir()
+        torch.save({"global_step": 4}, run_dir / "checkpoints" / "last.ckpt")
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+# --- a resume continues with the run's own config ------------------------------------------------------------
+
+
+def test_a_resume_that_changes_what_the_run_computes_is_refused_naming_each_key(tmp_path):
+    run_dir = tmp_path / "run"
+    before = _interrupted_run(run_dir, SMOKE)
+    changed = SMOKE + ["dataset=squad_v2", "strategy.lr=1e-2", "trainer.max_epochs=5", "resume=true"]
+    with pytest.raises(ConfigError) as refused, Run(compose_config(changed, output_dir=run_dir)) as run:
+        run.start(resume=True)
+    message = str(refused.value)
+    assert "\n" not in message and "resume=force" in message and str(run_dir / "config.yaml") in message
+    assert "dataset.name: squad_v1 -> squad_v2" in message and "strategy.lr: 5e-05 -> 0.01" in message
+    assert "dataset.version: v1 -> v2" in message
+    assert "trainer.max_epochs" not in message  # training longer is a resume, not another run
+    after = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before  # refused: nothing written
+
+
+def test_a_resume_that_only_extends_or_observes_the_run_is_accepted(tmp_path):
+    run_dir = tmp_path / "run"
+    _interrupted_run(run_dir, SMOKE)
+    extended = SMOKE + ["trainer.max_epochs=5", "logger=csv", "callbacks.progress_bar.refresh_rate=50",
+                        "callbacks.last_checkpoint.every_n_train_steps=7", "dataset.num_workers=2", "resume=true"]
+    with Run(compose_config(extended, output_dir=run_dir)) as run:
+        assert run.start(resume=True).endswith("last.ckpt")
+        assert run.config_changes == []
+        run.complete({"f1": 1.0}, {}, None, "")
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs == 5
+    assert "config_changes" not in json.loads((run_dir / "status.json").read_text())
+    assert {"trainer.max_epochs", "logger", "paths"} <= set(RESUMABLE_CHANGES)  # the documented list
+
+
+def test_resume_force_continues_and_every_later_attempt_records_the_change(tmp_path):
+    run_dir = tmp_path / "run"
+    _interrupted_run(run_dir, SMOKE)
+    changed = SMOKE + ["strategy.lr=1e-2"]
+    with pytest.raises(RunInterrupted), Run(compose_config(changed, output_dir=run_dir)) as run:
+        assert run.start(resume="force").endswith("last.ckpt")
+        raise RunInterrupted(signal.SIGTERM, 5, str(run_dir / "checkpoints" / "last.ckpt"))
+    change = [{"key": key, "old": 5e-05, "new": 0.01} for key in ("optimizer.lr", "strategy.lr")]  # as resolved
+    assert json.loads((run_dir / "status.json").read_text())["config_changes"] == change
+    with Run(compose_config(changed, output_dir=run_dir)) as run:  # resumed again, with the config it now has
+        run.start(resume=True)
+        assert run.config_changes == change
+        run.complete({"f1": 1.0}, {}, None, "")
+    assert json.loads((run_dir / "status.json").read_text())["config_changes"] == change
+    with pytest.raises(ConfigError, match="resume=maybe: must be true, false or force"):
+        resume_mode("maybe")
+
+
+# --- resume=true before the first checkpoint -------------------------------------------------------------------
+
+
+def test_resume_true_starts_again_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    _interrupted_run(run_dir, SMOKE, checkpoint=False)
+    (run_dir / "tensorboard").mkdir()
+    with Run(compose_config(SMOKE, output_dir=run_dir)) as run:
+        assert run.start(resume=True) is None  # a fresh start
+        assert not (run_dir / "tensorboard").exists() and not (run_dir / "status.json").exists()  # set aside
+        run.complete({"f1": 1.0}, {}, None, "")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+    for name, content in (("empty", None), ("finished", "{}")):  # no trace of a run, or a finished one: refused
+        other = tmp_path / name
+        other.mkdir()
+        if content:
+            OmegaConf.save(compose_config(SMOKE, output_dir=other), other / "config.yaml")
+            (other / "metrics.json").write_text(content)
+        with pytest.raises(RunDirError, match="nothing to resume" if name == "empty" else "finished run"):
+            with Run(compose_config(SMOKE, output_dir=other)) as run:
+                run.start(resume=True)
+
+
+# 24 questions in batches of 4: 6 steps; last.ckpt after every step; the crash as step 4 starts leaves it at step 4.
+SHORT = ["experiment=smoke", "strategy=full", "dataset=squad_v1", "dataset.limit_train=24", "dataset.batch_size=4",
+         "dataset.limit_val=4", "trainer.max_epochs=1", "trainer.precision=32-true", "logger=none",
+         "eval.max_new_tokens=4", "callbacks.last_checkpoint.every_n_train_steps=1"]
+CRASH = ["+callbacks.crash._target_=fault_injection.CrashAtStep", "+callbacks.crash.step=4"]
+
+
+def test_through_the_entry_point_a_changed_resume_is_refused_and_a_forced_one_recorded(tmp_path, cache_dir,
+                                                                                      run_entry_point):
+    run_dir = tmp_path / "run"
+    args = SHORT + [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
+    assert run_entry_point("flan_squad.train", args + CRASH).returncode != 0
+    refused = run_entry_point("flan_squad.train", args + ["resume=true", "dataset=squad_v2", "strategy.lr=1e-2"])
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "dataset.name: squad_v1 -> squad_v2" in line, refused.stderr[-2000:]
+    assert "strategy.lr: 5e-05 -> 0.01" in line and not (run_dir / "metrics.json").exists()
+
+    forced = run_entry_point("flan_squad.train", args + ["resume=force", "strategy.lr=1e-2"])
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    status = json.loads((run_dir / "status.json").read_text())
+    change = {"key": "strategy.lr", "old": 5e-05, "new": 0.01}
+    assert change in metrics["config_changes"] and status["config_changes"] == metrics["config_changes"]
+    assert metrics["resumed_from"].endswith("last.ckpt") and metrics["optimizer_steps"] == 6
