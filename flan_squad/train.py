@@ -32,6 +32,7 @@ from flan_squad.runs.resume import requeued  # noqa: E402
 from flan_squad.runs.trainer import (  # noqa: E402
     full_model_on_rank_zero, rebuild_before_reload, refuse_unshardable, uses_batch_size_finder)
 from flan_squad.runs.model_card import command_line, write_model_card  # noqa: E402
+from flan_squad.runs.owed_validation import OwedValidation  # noqa: E402
 from flan_squad.runs.signals import Interruption, interruptible  # noqa: E402
 
 
@@ -62,7 +63,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
                                          optimizer=instantiate(cfg.optimizer))
         cost = CostMonitor()
-        callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
+        # OwedValidation: a resume first redoes the validation an interruption cut short; validation leaves the
+        # random state (training's dropout masks) as it found it
+        callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption(), OwedValidation()]
         loggers = _instantiate_group(cfg.get("logger"))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         refuse_unshardable(trainer, strategy)
