@@ -124,15 +124,98 @@ def test_through_the_entry_point_a_changed_resume_is_refused_and_a_forced_one_re
     run_dir = tmp_path / "run"
     args = SHORT + [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
     assert run_entry_point("flan_squad.train", args + CRASH).returncode != 0
-    refused = run_entry_point("flan_squad.train", args + ["resume=true", "dataset=squad_v2", "strategy.lr=1e-2"])
+    changed = ["dataset=squad_v2", "strategy.lr=1e-2"]
+    refused = run_entry_point("flan_squad.train", args + CRASH + ["resume=true", *changed])
     line = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "dataset.name: squad_v1 -> squad_v2" in line, refused.stderr[-2000:]
     assert "strategy.lr: 5e-05 -> 0.01" in line and not (run_dir / "metrics.json").exists()
 
-    forced = run_entry_point("flan_squad.train", args + ["resume=force", "strategy.lr=1e-2"])
+    forced = run_entry_point("flan_squad.train", args + CRASH + ["resume=force", "strategy.lr=1e-2"])
     assert forced.returncode == 0, forced.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     status = json.loads((run_dir / "status.json").read_text())
     change = {"key": "strategy.lr", "old": 5e-05, "new": 0.01}
     assert change in metrics["config_changes"] and status["config_changes"] == metrics["config_changes"]
     assert metrics["resumed_from"].endswith("last.ckpt") and metrics["optimizer_steps"] == 6
+
+
+# --- validation interrupted is validation redone ---------------------------------------------------------------
+
+# 32 questions in batches of 8: 4 steps an epoch, 3 epochs; fp32, dropout on (t5_tiny's 0.1), last.ckpt after every
+# step. Every validated epoch keeps its checkpoint (save_top_k=-1), so a test sees which epochs a run validated and
+# with which weights.
+EPOCHS = ["experiment=smoke", "strategy=full", "dataset=squad_v1", "dataset.limit_train=32", "dataset.batch_size=8",
+          "dataset.limit_val=4", "trainer.max_epochs=3", "trainer.precision=32-true", "logger=none",
+          "eval.max_new_tokens=4", "callbacks.last_checkpoint.every_n_train_steps=1",
+          "callbacks.model_checkpoint.save_top_k=-1"]
+CRASH_IN_VALIDATION = ["+callbacks.crash._target_=fault_injection.CrashInValidation"]
+
+
+def _checkpoints(run_dir: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((run_dir / "checkpoints").glob("*.ckpt"))}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
+    from flan_squad.train import train
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, train(compose_config(EPOCHS, output_dir=run_dir, cache=cache_dir))
+
+
+def test_a_run_killed_in_validation_validates_that_epoch_first_when_resumed(uninterrupted, tmp_path, cache_dir):
+    # Killed as epoch 0's validation begins: last.ckpt holds the epoch's last step, written before the validation.
+    from fault_injection import InjectedCrash
+    from flan_squad.train import train
+    from safetensors.torch import load_file
+
+    reference_dir, reference = uninterrupted
+    args = EPOCHS + CRASH_IN_VALIDATION + ["+callbacks.crash.epoch=0"]
+    with pytest.raises(InjectedCrash):
+        train(compose_config(args, output_dir=tmp_path, cache=cache_dir))
+    assert [name for name in _checkpoints(tmp_path)] == ["last.ckpt"]
+    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path, cache=cache_dir))
+
+    ours, theirs = _checkpoints(tmp_path), _checkpoints(reference_dir)
+    assert set(ours) == set(theirs) == {"last.ckpt", "best-epoch0-step4.ckpt", "best-epoch1-step8.ckpt",
+                                        "best-epoch2-step12.ckpt"}  # every epoch validated, as uninterrupted
+    for name in theirs:
+        assert _same_weights(ours[name]["state_dict"], theirs[name]["state_dict"]), name
+    assert resumed["best_checkpoint"] == reference["best_checkpoint"]
+    model, reference_model = load_file(tmp_path / "model/model.safetensors"), load_file(
+        reference_dir / "model/model.safetensors")
+    assert _same_weights(model, reference_model)
+    assert (tmp_path / "predictions.json").read_text() == (reference_dir / "predictions.json").read_text()
+    assert (resumed["f1"], resumed["exact"]) == (reference["f1"], reference["exact"])
+
+
+def test_a_best_checkpoint_gone_since_last_ckpt_is_forgotten_in_one_line(tmp_path, cache_dir, caplog):
+    # Killed in epoch 1's validation after it had replaced epoch 0's best checkpoint (deleted here): last.ckpt, written
+    # before that validation, still names epoch 0's. The resumed run says so, validates epoch 1 again, and ends with
+    # a best checkpoint that exists.
+    from fault_injection import InjectedCrash
+    from flan_squad.train import train
+
+    args = [*EPOCHS[:-1], *CRASH_IN_VALIDATION, "+callbacks.crash.epoch=1"]  # save_top_k=1: one best on disk
+    with pytest.raises(InjectedCrash):
+        train(compose_config(args, output_dir=tmp_path, cache=cache_dir))
+    (tmp_path / "checkpoints" / "best-epoch0-step4.ckpt").unlink()
+    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path, cache=cache_dir))
+    (line,) = [r.getMessage() for r in caplog.records if "best-epoch0-step4.ckpt" in r.getMessage()]
+    assert "is gone" in line and "\n" not in line
+    assert (tmp_path / resumed["best_checkpoint"]).is_file()
+    assert resumed["best_checkpoint"] != "checkpoints/best-epoch0-step4.ckpt"
+
+
+def test_how_often_a_run_validates_does_not_change_what_it_trains(uninterrupted, tmp_path, cache_dir):
+    from flan_squad.train import train
+
+    reference_dir, _ = uninterrupted
+    train(compose_config(EPOCHS + ["+trainer.check_val_every_n_epoch=3"], output_dir=tmp_path, cache=cache_dir))
+    last = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for d in (tmp_path, reference_dir)]
+    assert _same_weights(*last)
