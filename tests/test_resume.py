@@ -107,9 +107,9 @@ def test_resume_true_starts_again_a_run_stopped_before_its_first_checkpoint(tmp_
         if content:
             OmegaConf.save(compose_config(SMOKE, output_dir=other), other / "config.yaml")
             (other / "metrics.json").write_text(content)
-        with pytest.raises(RunDirError, match="nothing to resume" if name == "empty" else "finished run"):
-            with Run(compose_config(SMOKE, output_dir=other)) as run:
-                run.start(resume=True)
+        refusal = "nothing to resume" if name == "empty" else "finished run"
+        with pytest.raises(RunDirError, match=refusal), Run(compose_config(SMOKE, output_dir=other)) as run:
+            run.start(resume=True)
 
 
 # 24 questions in batches of 4: 6 steps; last.ckpt after every step; the crash as step 4 starts leaves it at step 4.
@@ -169,9 +169,10 @@ def uninterrupted(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
 
 def test_a_run_killed_in_validation_validates_that_epoch_first_when_resumed(uninterrupted, tmp_path, cache_dir):
     # Killed as epoch 0's validation begins: last.ckpt holds the epoch's last step, written before the validation.
+    from safetensors.torch import load_file
+
     from fault_injection import InjectedCrash
     from flan_squad.train import train
-    from safetensors.torch import load_file
 
     reference_dir, reference = uninterrupted
     args = EPOCHS + CRASH_IN_VALIDATION + ["+callbacks.crash.epoch=0"]
