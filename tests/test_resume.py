@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from flan_squad.runs.lifecycle import Run
-from flan_squad.runs.resume import RESUMABLE_CHANGES, resume_mode
+from flan_squad.runs.resume import RESUMABLE_CHANGES, requeued, resume_mode
 from flan_squad.utils.errors import ConfigError, RunDirError, RunInterrupted
 
 SMOKE = ["experiment=smoke", "strategy=full", "dataset=squad_v1"]
@@ -91,13 +91,16 @@ def test_resume_force_continues_and_every_later_attempt_records_the_change(tmp_p
 # --- resume=true before the first checkpoint -------------------------------------------------------------------
 
 
-def test_resume_true_starts_again_a_run_stopped_before_its_first_checkpoint(tmp_path):
+def test_resume_true_starts_again_a_run_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     _interrupted_run(run_dir, SMOKE, checkpoint=False)
     (run_dir / "tensorboard").mkdir()
+    (run_dir / "checkpoints").mkdir()  # Lightning creates it as training starts
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued SLURM job resumes as resume=true does
+    assert requeued(run_dir)
     with Run(compose_config(SMOKE, output_dir=run_dir)) as run:
-        assert run.start(resume=True) is None  # a fresh start
-        assert not (run_dir / "tensorboard").exists() and not (run_dir / "status.json").exists()  # set aside
+        assert run.start(resume=requeued(run_dir)) is None  # a fresh start
+        assert not any((run_dir / name).exists() for name in ("tensorboard", "checkpoints", "status.json"))  # aside
         run.complete({"f1": 1.0}, {}, None, "")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
 

@@ -138,6 +138,7 @@ def check_checkpoint(path: str, option: str) -> Path:
 
 
 def requeued(output_dir: Path) -> bool:
-    """A SLURM job that was requeued (preempted, or Lightning's auto-requeue) and left an unfinished run here."""
-    return (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and (output_dir / LAST_CHECKPOINT).is_file()
-            and not (output_dir / "metrics.json").exists())
+    """A SLURM job that was requeued (preempted, or Lightning's auto-requeue) and left an unfinished run here (its
+    checkpoint, or only its config.yaml when stopped before the first checkpoint: it then starts again)."""
+    return (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and not (output_dir / "metrics.json").exists()
+            and ((output_dir / LAST_CHECKPOINT).is_file() or (output_dir / CONFIG_FILE).is_file()))
