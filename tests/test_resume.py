@@ -223,3 +223,38 @@ def test_how_often_a_run_validates_does_not_change_what_it_trains(uninterrupted,
     last = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
             for d in (tmp_path, reference_dir)]
     assert _same_weights(*last)
+
+
+# --- checkpoints written whole -----------------------------------------------------------------------------------
+
+# A process killed halfway through moving a checkpoint's bytes from the system's temp dir onto last.ckpt, as happens
+# when the temp dir (here /dev/shm) and the run dir are different filesystems (Lightning's own save does this).
+KILLED_WRITING = """
+import os, shutil, signal, sys, torch
+
+def half_then_killed(src, dst, **kwargs):
+    data = open(src, "rb").read()
+    with open(dst, "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+shutil.copyfile = half_then_killed
+from flan_squad.runs.trainer import make_trainer  # the checkpoint writer a run's trainer uses
+trainer = make_trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.strategy.checkpoint_io.save_checkpoint({"global_step": 2, "weights": torch.ones(100_000)}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm) for the temp dir")
+def test_a_kill_while_a_checkpoint_is_written_leaves_last_ckpt_whole(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    last = tmp_path / "last.ckpt"
+    torch.save({"global_step": 1}, last)
+    writer = subprocess.run([sys.executable, "-c", KILLED_WRITING, str(last)], env=subprocess_env(TMPDIR="/dev/shm"),
+                            capture_output=True, text=True, timeout=300)
+    assert writer.returncode in (0, -signal.SIGKILL), writer.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] in (1, 2)  # the old checkpoint or the new one, whole
