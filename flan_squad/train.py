@@ -20,6 +20,7 @@ from flan_squad.models.optimizers import describe_optimizer
 from flan_squad.runs.cost import CostMonitor
 from flan_squad.runs.lifecycle import Run
 from flan_squad.runs.model_card import command_line, write_model_card
+from flan_squad.runs.owed_validation import OwedValidation
 from flan_squad.runs.restore import build_parts
 from flan_squad.runs.results import summary
 from flan_squad.runs.resume import requeued
@@ -48,8 +49,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # records "interrupted" and leaves the run resumable; the MLflow run (logger=mlflow) ends with the same status.
     with Run(cfg) as run:
         output_dir = run.output_dir
-        # Refused if the dir holds results (unless overwrite: then set aside until `complete`), or nothing to
-        # resume; writes config.yaml and .hydra/, opens the MLflow run. DDP children get the same checkpoint.
+        # Refused if the dir holds results (unless overwrite: then set aside until `complete`), nothing to resume, or
+        # a resume that changes what the run computes (unless resume=force); writes config.yaml and .hydra/, opens
+        # the MLflow run. DDP children get the same checkpoint.
         ckpt_path = run.start(resume=cfg.resume or requeued(output_dir), ckpt_path=cfg.ckpt_path,
                               overwrite=cfg.overwrite)
         _refuse_ddp_in_local_multirun(cfg)
@@ -62,7 +64,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
                                          optimizer=instantiate(cfg.optimizer))
         cost = CostMonitor()
-        callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption()]
+        # OwedValidation: a resume first redoes the validation an interruption cut short; validation leaves the
+        # random state (training's dropout masks) as it found it
+        callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption(), OwedValidation()]
         loggers = _instantiate_group(cfg.get("logger"))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         refuse_what_fsdp_cannot_train(trainer, strategy)
@@ -109,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **datamodule.stats,
             "best_checkpoint": os.path.relpath(best, output_dir) if best else None,
             "resumed_from": ckpt_path,
+            **({"config_changes": run.config_changes} if run.config_changes else {}),  # resume=force: what changed
             "output_dir": str(output_dir),
         }
         if run.is_rank_zero:

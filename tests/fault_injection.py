@@ -1,5 +1,9 @@
 """Callbacks that tests add to a run through Hydra (`+callbacks.name._target_=fault_injection.X`, or for a Hydra
-callback `+hydra.callbacks.name._target_=fault_injection.X`): faults, delays, and records of what each process did."""
+callback `+hydra.callbacks.name._target_=fault_injection.X`): faults, delays, and records of what each process did.
+
+A fault strikes the run's first attempt only: a resumed attempt (Lightning's `trainer.ckpt_path` set) runs without
+it, so a test resumes with the same command line plus `resume=true`, as a user does (a resume with another config
+is refused, flan_squad/runs/resume.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class PoisonWeightsAtStep(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not trainer.ckpt_path:
             with torch.no_grad():
                 for p in pl_module.parameters():
                     if p.requires_grad:
@@ -52,7 +56,7 @@ class SignalAtStep(L.Callback):
         self.signum, self.step = signum, step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not trainer.ckpt_path:
             os.kill(os.getpid(), self.signum)
 
 
@@ -70,8 +74,29 @@ class CrashAtStep(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not trainer.ckpt_path:
             raise InjectedCrash(f"crash injected at step {self.step}")
+
+
+class CrashInValidation(L.Callback):
+    """Raises in the validation of epoch `epoch` during fit: as its first batch starts (`at="start"`), or at its end,
+    once the checkpoint callbacks before this one have saved (and replaced) the best checkpoint (`at="end"`). The
+    rolling checkpoint written after the epoch's last step, before the validation, stays on disk."""
+
+    def __init__(self, epoch: int, at: str = "start"):
+        self.epoch, self.at = epoch, at
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.at == "start" and batch_idx == 0:
+            self._crash(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.at == "end":
+            self._crash(trainer)
+
+    def _crash(self, trainer) -> None:
+        if trainer.state.fn == "fit" and trainer.current_epoch == self.epoch and not trainer.ckpt_path:
+            raise InjectedCrash(f"crash injected in the validation of epoch {self.epoch} ({self.at})")
 
 
 class InjectedCrash(RuntimeError):

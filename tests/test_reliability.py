@@ -57,7 +57,7 @@ def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(t
     # The killed process is the only one that must be real: the rest run the same command line in this process.
     refused = run_entry_point("flan_squad.train", LEARNS + args)
     assert refused.returncode == 2 and "already holds results" in refused.stderr.splitlines()[-1]
-    resumed = run_entry_point("flan_squad.train", LEARNS + args + ["resume=true"])
+    resumed = run_entry_point("flan_squad.train", LEARNS + args + kill + ["resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["optimizer_steps"], metrics["epochs"], metrics["train_examples_seen"]) == (32, 2, 12 * 16)
@@ -121,7 +121,7 @@ def test_each_optimizer_resumes_to_the_uninterrupted_weights_and_state(optimizer
     with pytest.raises(InjectedCrash):
         train(compose_config(args + CRASH, output_dir=tmp_path / "crashed", cache=cache_dir))
     assert torch.load(tmp_path / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
+    resumed = train(compose_config(args + CRASH + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
     reference = train(compose_config(args, output_dir=tmp_path / "reference", cache=cache_dir))
     assert resumed["resumed_from"] and resumed["optimizer_steps"] == reference["optimizer_steps"] == 6
     assert resumed["optimizer"] == reference["optimizer"] and resumed["optimizer_state_mb"] > 0
@@ -146,13 +146,13 @@ def test_early_stopping_count_survives_a_crash_and_resume(tmp_path, cache_dir):
             "callbacks.early_stopping.patience=2"]
     reference = train(compose_config(args, output_dir=tmp_path / "reference", cache=cache_dir))
     assert reference["stopped_early"] and (reference["epochs"], reference["optimizer_steps"]) == (3, 6)
+    crash = [*CRASH[:1], "+callbacks.crash.step=5"]
     with pytest.raises(InjectedCrash):
-        train(compose_config(args + [*CRASH[:1], "+callbacks.crash.step=5"], output_dir=tmp_path / "crashed",
-                             cache=cache_dir))
+        train(compose_config(args + crash, output_dir=tmp_path / "crashed", cache=cache_dir))
     saved = torch.load(tmp_path / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("EarlyStopping")]
     assert saved["global_step"] == 5 and state["wait_count"] == 1
-    resumed = train(compose_config(args + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
+    resumed = train(compose_config(args + crash + ["resume=true"], output_dir=tmp_path / "crashed", cache=cache_dir))
     assert resumed["stopped_early"] and (resumed["epochs"], resumed["optimizer_steps"]) == (3, 6)
 
 

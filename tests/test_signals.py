@@ -42,7 +42,7 @@ def test_sigterm_saves_a_checkpoint_says_interrupted_exits_143_and_resumes(tmp_p
     assert stderr.splitlines()[-1] == f"error: interrupted by SIGTERM at step {step}: continue with resume=true"
     assert not (run_dir / "metrics.json").exists()
 
-    resumed = run_entry_point("flan_squad.train", RUN + args + ["resume=true"])
+    resumed = run_entry_point("flan_squad.train", RUN + args + slow + ["resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 16 and metrics["train_examples_seen"] == (16 - step) * 4
@@ -64,7 +64,7 @@ def test_sigint_stops_a_sweep_job_at_a_step_with_130_and_the_sweep_with_it(tmp_p
     assert status["job_num"] == 0 and _checkpoint_step(sweep / "0") == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
 
-    resumed = run_entry_point("flan_squad.train", RUN + args + ["strategy.lr=1e-3", f"hydra.run.dir={sweep / '0'}",
-                                                                "resume=true"])
+    resumed = run_entry_point("flan_squad.train", RUN + args + ctrl_c + ["strategy.lr=1e-3",
+                                                                         f"hydra.run.dir={sweep / '0'}", "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((sweep / "0" / "metrics.json").read_text())["optimizer_steps"] == 16

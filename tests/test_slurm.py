@@ -143,8 +143,8 @@ def test_preempted_jobs_checkpoint_then_requeue_or_end_interrupted(slurm, tmp_pa
     threads = torch.get_num_threads()  # read now, before the change below: restored as it was
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)
-    resumed = run_entry_point("flan_squad.train", run + ["strategy.lr=3e-3", f"hydra.run.dir={sweep / '1'}",
-                                                         "resume=true"])
+    resumed = run_entry_point("flan_squad.train", run + slow + ["strategy.lr=3e-3", f"hydra.run.dir={sweep / '1'}",
+                                                                "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     finished = json.loads((sweep / "1" / "metrics.json").read_text())
     assert finished["optimizer_steps"] == 16 and finished["train_examples_seen"] == (16 - interrupted["step"]) * 4

@@ -115,7 +115,7 @@ def test_preempted_two_node_job_checkpoints_and_resumes_to_the_uninterrupted_wei
     assert 2 <= checkpoint_step <= interrupted["step"] and checkpoint_step % 2 == 0
 
     # Submitted again with resume=true, the job continues on both nodes from that checkpoint.
-    resumed = run_sweep(two_nodes, sweep, run + ["resume=true"])
+    resumed = run_sweep(two_nodes, sweep, run + slow + ["resume=true"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     [second] = sorted(set(job_dirs(sweep)) - {job})
     assert job_states(two_nodes, second) == {second: ("COMPLETED", "0:0")}

@@ -96,7 +96,7 @@ def test_a_failed_then_resumed_run_is_one_mlflow_run_with_everything_in_it(serve
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "non-finite training loss (nan) at step 3" in run.data.tags["error"]
 
-    resumed = run_entry_point("flan_squad.train", [*args, "resume=true"])
+    resumed = run_entry_point("flan_squad.train", [*args, *poison, "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 4 and metrics["resumed_from"].endswith("last.ckpt")

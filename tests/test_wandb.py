@@ -72,7 +72,7 @@ def test_a_failed_then_resumed_run_is_one_wandb_run_with_its_results(tmp_path, c
     (first,) = read_offline_run(run_dir)
     assert first["exit_code"] == 2  # the run ends with the process's exit code
 
-    resumed = run_entry_point("flan_squad.train", [*args, "resume=true"])
+    resumed = run_entry_point("flan_squad.train", [*args, *poison, "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     first, second = read_offline_run(run_dir)
     assert second["id"] == first["id"] == json.loads((run_dir / "wandb_run.json").read_text())["run_id"]

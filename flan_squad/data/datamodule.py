@@ -179,6 +179,9 @@ class SquadDataModule(L.LightningDataModule):
         return DataLoader(
             Features(self._val, order), batch_size=self.eval_batch_size, shuffle=False,
             num_workers=self.num_workers, collate_fn=self._collate, persistent_workers=self.num_workers > 0,
+            # A generator of its own too: each pass over it (a validation, or Lightning fast-forwarding past one on a
+            # resume) would otherwise draw from the global RNG, and how often a run validates would change dropout.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _collate(self, features: list[dict]) -> dict:

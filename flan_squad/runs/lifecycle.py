@@ -40,10 +40,11 @@ from flan_squad.runs import status
 from flan_squad.runs.lock import check_directory, hold
 from flan_squad.runs.previous import RUN_FILES, SetAside, refuse_results
 from flan_squad.runs.results import write_results
-from flan_squad.runs.resume import checkpoint_to_resume
+from flan_squad.runs.resume import checkpoint_to_resume, describe_changes, resume_mode, resumed_config_changes
 from flan_squad.runs.tracking import MLflowRun, store_of
 from flan_squad.runs.wandb_logger import log_results, settings_of
 from flan_squad.utils.errors import RunDirError, first_line, print_error
+from flan_squad.utils.files import read_json
 from flan_squad.utils.process import in_multirun, is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Run:
         self.started = False  # the dir is this run's: its checks passed
         self.completed = False
         self.record: dict[str, Any] = {}  # how the run ended: status.json's content, and what MLflow is told
+        # resume=force: what this run changed in its config since it started, [{key, old, new}] (every attempt's)
+        self.config_changes: list[dict[str, Any]] = []
         self._held = contextlib.ExitStack()
 
     # --- 1. hold ------------------------------------------------------------------------------------------------
@@ -80,26 +83,40 @@ class Run:
 
     # --- 2. start -----------------------------------------------------------------------------------------------
 
-    def start(self, resume: bool = False, ckpt_path: str | None = None, overwrite: bool = False) -> str | None:
+    def start(self, resume: bool | str = False, ckpt_path: str | None = None, overwrite: bool = False) -> str | None:
         """Make the dir this run's; return the checkpoint to resume from, if any.
 
         Args:
-            resume: continue from this dir's `checkpoints/last.ckpt` (refused if the run already finished).
+            resume: true: continue from this dir's `checkpoints/last.ckpt` (refused if the run already finished, or
+                if this config changes what the run computes; a run stopped before its first checkpoint starts
+                again); "force": continue even with such a change, recorded in `config_changes`.
             ckpt_path: continue from this (local) checkpoint.
             overwrite: a new run may replace the results in the dir; they are kept until it has finished.
 
         Raises:
             RunDirError: the dir holds results (and not overwrite), or there is nothing to resume.
+            ConfigError: resume=true with a config that changes what the run computes (naming each key).
         """
-        checkpoint = prepare_run_dir(self.output_dir, resume, ckpt_path, overwrite, self.previous)
+        mode = resume_mode(resume)
+        checkpoint = prepare_run_dir(self.output_dir, bool(mode), ckpt_path, overwrite, self.previous)
+        if checkpoint and mode:  # config.yaml is still the run's own: compare before it is rewritten
+            changes = resumed_config_changes(self.output_dir, self.cfg, force=mode == "force")
+            earlier = (read_json(self.output_dir / status.STATUS_FILE) or {}).get("config_changes") or []
+            self.config_changes = [*earlier, *changes]
+            if changes:
+                log.warning("resume=force: continuing with what changes the run (recorded in status.json and "
+                            "metrics.json): %s", describe_changes(changes))
         if not self.is_rank_zero:
             return checkpoint  # rank 0 has set the dir up
+        if mode and not checkpoint:
+            log.warning("resume=true: the run in %s stopped before its first checkpoint: starting it from the "
+                        "beginning", self.output_dir)
         self.started = True
         self.output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.cfg, self.output_dir / "config.yaml", resolve=True)
         _write_hydra_record(self.output_dir, self.cfg)
         if self.mlflow:
-            self.mlflow.open(resume=bool(resume))
+            self.mlflow.open(resume=bool(checkpoint and mode))
         return checkpoint
 
     # --- 3. complete --------------------------------------------------------------------------------------------
@@ -164,22 +181,28 @@ class Run:
         """`outcome` with what Hydra says about the job: its overrides, and its number in a sweep."""
         hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
         return {**outcome, "overrides": list(hydra_cfg.overrides.task) if hydra_cfg else [],
-                "job_num": hydra_cfg.job.num if hydra_cfg and in_multirun(hydra_cfg) else None}
+                "job_num": hydra_cfg.job.num if hydra_cfg and in_multirun(hydra_cfg) else None,
+                **({"config_changes": self.config_changes} if self.config_changes else {})}
 
 
 def prepare_run_dir(output_dir: Path, resume: bool, ckpt_path: str | None, overwrite: bool,
                     previous: SetAside | None = None) -> str | None:
     """Check the run dir against what was asked; return the checkpoint to resume from, if any.
 
-    - resume=true: continue from `checkpoints/last.ckpt` of this dir; ckpt_path=...: from that checkpoint.
-    - otherwise the dir must not hold results, unless overwrite=true: the previous run's files then go into
-      `previous` (kept until this run has finished, `Run`), or are deleted at once without it. On rank 0 only:
-      the other ranks check, and find the dir as rank 0 left it.
+    - resume=true: continue from `checkpoints/last.ckpt` of this dir (or, when the dir's run stopped before its
+      first checkpoint, start it again); ckpt_path=...: from that checkpoint.
+    - otherwise the dir must not hold results, unless overwrite=true.
+    A run that starts sets the previous run's files aside into `previous` (kept until this run has finished,
+    `Run`), or deletes them at once without it. On rank 0 only: the other ranks check, and find the dir as rank 0
+    left it.
     """
     output_dir = Path(output_dir)
     if resume or ckpt_path:
-        return checkpoint_to_resume(output_dir, ckpt_path, overwrite)
-    refuse_results(output_dir, overwrite)
+        checkpoint = checkpoint_to_resume(output_dir, ckpt_path, overwrite)
+        if checkpoint:
+            return checkpoint
+    else:
+        refuse_results(output_dir, overwrite)
     if is_rank_zero():
         aside = previous or SetAside(output_dir)
         aside.set_aside()

@@ -10,10 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from flan_squad.utils.errors import ConfigError
+from flan_squad.utils.files import write_file_atomic
 from flan_squad.utils.precision import check_precision
 
 
@@ -41,7 +43,20 @@ def make_trainer(auto_batch_size: bool = False, auto_batch_size_max: int = 128, 
             raise ConfigError(f"trainer.auto_batch_size_max={auto_batch_size_max}: must be at least 2 "
                               f"(the finder starts at 2)")
         callbacks.append(TrainingBatchSizeFinder(mode="power", init_val=2, max_val=auto_batch_size_max))
+    trainer_kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(callbacks=callbacks, **trainer_kwargs)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all on any filesystem. Lightning's own save moves a temporary file from the
+    system's temp dir into place: a copy onto the checkpoint itself when the run dir is on another filesystem, which a
+    kill cuts short (a truncated last.ckpt). Here the bytes go to a file beside it, synced, then renamed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        write_file_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 class TrainingBatchSizeFinder(BatchSizeFinder):

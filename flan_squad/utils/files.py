@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def _readable_by_others(path: str | Path, mode: int) -> None:
@@ -41,14 +41,15 @@ def write_dir_atomic(directory: str | Path, write: Callable[[Path], None]) -> No
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: a crash leaves the old file or the new one."""
+def write_file_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through a temporary file beside it (the same filesystem), synced, and a rename: a crash or a
+    kill leaves the old file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _readable_by_others(tmp, 0o666)
@@ -56,6 +57,11 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: a crash leaves the old file or the new one."""
+    write_file_atomic(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")))
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

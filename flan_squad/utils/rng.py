@@ -3,7 +3,9 @@ one: torch (CPU and CUDA) and Python's."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import torch
 
@@ -21,3 +23,13 @@ def restore_rng_states(states: dict) -> None:
     random.setstate(tuple(states["python"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextlib.contextmanager
+def forked_rng() -> Iterator[None]:
+    """Whatever runs inside leaves the random state as it found it (validation must not change training)."""
+    states = capture_rng_states()
+    try:
+        yield
+    finally:
+        restore_rng_states(states)
