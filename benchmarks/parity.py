@@ -2,7 +2,7 @@
 pipeline a user would otherwise write, on the same task, architecture, budget and seeds?
 
     python -m benchmarks.parity                       # both sides, seeds 0-5 (`make parity`)
-    python -m benchmarks.parity --sides project --project-model-prompt flan           # the project before the fix
+    python -m benchmarks.parity --sides project --project-model-prompt flan           # the project in FLAN's format
     python -m benchmarks.parity --sides peer --seeds 0,1 --peer-target unanswerable   # one ablation
     python -m benchmarks.parity --peer-init config --project-init config              # both from the same tied T5
     python -m benchmarks.parity --task-seed 1 --seeds 6,7,8,9,10,11                     # another task, other seeds

@@ -118,7 +118,7 @@ def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache
 #     model.prompt=t5|flan dataset.train_file=<dir>/train.json dataset.validation_file=<dir>/dev.json
 #   (<dir>: flan_squad.data.planted.build_short_decoy(<dir>, '../shared'))
 #   model.prompt=t5   (t5_tiny's default)         89.0 / 79.0   75.0 / 41.9   75.5 / 40.3
-#   model.prompt=flan (t5_tiny's before the fix)  67.0 /  6.5   73.5 / 50.0   74.5 / 29.0
+#   model.prompt=flan (FLAN's format)             67.0 /  6.5   73.5 / 50.0   74.5 / 29.0
 # In this test (2 threads, in-process) seed 0 gave 86.0 / 62.9 with t5 and 67.0 / 6.5 with flan: the thread count
 # moves the trajectory. The thresholds pass every seed measured with the t5 format and fail seed 0 (this test's)
 # with FLAN's.
@@ -132,7 +132,7 @@ DECOY_MINI = ["model.prompt=t5",
 def test_unanswerable_questions_with_a_decoy_fact_are_learned(tmp_path, cache_dir, run_entry_point):
     # Each context holds one code; in a third of the questions it is of another kind than the one asked for, so
     # the model must read the kind. With FLAN's format (instruction, context, question; "unanswerable") a model
-    # trained from random weights mostly copied the decoy: the gap issue 17 measured against Seq2SeqTrainer.
+    # trained from random weights mostly copied the decoy (docs/learning.md, against Seq2SeqTrainer).
     from flan_squad.data.planted import build_short_decoy
 
     task = build_short_decoy(tmp_path / "task", SHARED)
