@@ -117,7 +117,7 @@ def eval_run(spec: Spec, repeats: int, model_dir: str | Path | None = None,
         dm = instantiate(cfg.dataset, tokenizer=tokenizer, eval_stride=None, val_split=cfg.split,
                          prompt=project_model.base.prompt)
         dm.setup("validate")
-        enc = dm._val
+        enc = dm.encoded_val
         features = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
                     for x, y in zip(enc.input_ids, enc.labels)]
         args = Seq2SeqTrainingArguments(

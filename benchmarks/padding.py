@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = instantiate(cfg.model, _convert_="all").load_tokenizer()
     datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, limit_val=1, prompt=cfg.model.prompt)
     datamodule.setup("fit")
-    lengths = [len(ids) for ids in datamodule._train.input_ids]
+    lengths = [len(ids) for ids in datamodule.encoded_train.input_ids]
     size = args.batch_size
     randoms = []
     for seed in range(args.seeds):

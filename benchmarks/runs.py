@@ -178,7 +178,7 @@ def _train_project(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]],
 def _train_hf(s: _Setup, spec: Spec) -> tuple[list[float], list[list[str]], list[int], dict]:
     cfg, dm = s.cfg, s.datamodule
     model = s.strategy.build(s.base, s.device)
-    enc = dm._train
+    enc = dm.encoded_train
     features = [{"id": i, "input_ids": x, "attention_mask": [1] * len(x), "labels": y}
                 for i, x, y in zip(enc.ids, enc.input_ids, enc.labels)]
     if spec.pipeline == "hf":
@@ -215,7 +215,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
         seconds, ids_seen, padded, params = run(s, spec)
         peak_mb = peak.read_mb()
 
-    enc = s.datamodule._train
+    enc = s.datamodule.encoded_train
     examples = len(enc.ids)
     tokens = sum(map(len, enc.input_ids)) + sum(map(len, enc.labels))  # real tokens, as CostMonitor counts
     flops = train_flops(s.base.config(), [(len(x), len(y)) for x, y in zip(enc.input_ids, enc.labels)],

@@ -56,7 +56,7 @@ def test_batches_are_length_homogeneous_on_real_prompts(tokenizer):
     dm = SquadDataModule(tokenizer, "squad_v1", "v1", "rajpurkar/squad", str(SQUAD / "v1.1" / "dev-v1.1.json"),
                          str(DEV_V1), batch_size=8, limit_train=800, limit_val=8, seed=3)
     dm.setup("fit")
-    lengths = [len(x) for x in dm._train.input_ids]
+    lengths = [len(x) for x in dm.encoded_train.input_ids]
 
     def padded(batches):  # padded tokens per real token
         return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
@@ -74,7 +74,7 @@ def test_batches_are_length_homogeneous_on_real_prompts(tokenizer):
     _set_sampler_epoch(loader, 1)  # what Lightning calls before each epoch
     assert loader.sampler.epoch == 1
     batches = list(loader)
-    assert Counter(i for b in batches for i in b["ids"]) == Counter(dm._train.ids)
+    assert Counter(i for b in batches for i in b["ids"]) == Counter(dm.encoded_train.ids)
     assert all(len(b["ids"]) == 8 for b in batches)
     widths = [b["input_ids"].shape[1] for b in batches]
     real = [int(b["attention_mask"].sum()) for b in batches]

@@ -154,6 +154,20 @@ class SquadDataModule(L.LightningDataModule):
             self.train_questions, source = self._read(self.train_file, "train", self.limit_train)
             self._train = self._encode(self.train_questions, source, "train")
 
+    @property
+    def encoded_train(self) -> Encoded:
+        """The training split as `setup("fit")` encoded it (what the benchmarks feed the baseline pipeline)."""
+        if self._train is None:
+            raise RuntimeError("the training split is encoded by setup('fit'): call it first")
+        return self._train
+
+    @property
+    def encoded_val(self) -> Encoded:
+        """The validation split as `setup()` encoded it: every context window of every question."""
+        if self._val is None:
+            raise RuntimeError("the validation split is encoded by setup(): call it first")
+        return self._val
+
     def train_dataloader(self) -> DataLoader:
         # Batches grouped by length, padded per batch: the same examples once per epoch as a random
         # sampler, without the ~1.6x padding that random batches of 8 SQuAD prompts carry.
