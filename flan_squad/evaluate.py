@@ -81,7 +81,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # The eval dir's life (runs/lifecycle.py), as a training run's: held by this process alone; a failure puts the
     # previous evaluation's files back (or records status.json "failed"); the MLflow run ends with the same status.
-    with Run(cfg, files=EVALUATION_FILES) as run:
+    with Run(cfg, files=EVALUATION_FILES, resumable=False) as run:
         output_dir = run.output_dir
         run.start(overwrite=True)  # a new evaluation replaces the previous one here, kept until it has finished
         if cfg.get("run_dir"):

@@ -27,9 +27,9 @@ SHARED = Path(os.environ.get("FLAN_SQUAD_SHARED", PROJECT_ROOT.parent / "shared"
 # Modules whose tests train through an entry point, start processes or servers, or run a benchmark: `make test`
 # runs them, `make test-fast` (the inner loop) leaves them out.
 SLOW_MODULES = {
-    "test_bench", "test_compare", "test_evaluate", "test_faults", "test_learning", "test_new_strategy",
-    "test_own_data", "test_regression", "test_reliability", "test_resume", "test_scale", "test_serve",
-    "test_signals", "test_sweeps", "test_tracking", "test_train", "test_wandb",
+    "test_bench", "test_compare", "test_disk_full", "test_evaluate", "test_faults", "test_learning",
+    "test_new_strategy", "test_own_data", "test_regression", "test_reliability", "test_resume", "test_scale",
+    "test_serve", "test_signals", "test_sweeps", "test_tracking", "test_train", "test_wandb",
 }
 
 
@@ -120,6 +120,17 @@ def run_entry_point(monkeypatch, capsys):
         return subprocess.CompletedProcess([module, *argv], code, out, err)
 
     return run
+
+
+def one_error_line(result, *fragments: str) -> str:
+    """The run failed with exit status 2 and one line on stderr, `error: ...`, holding every fragment."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ is refused, flan_squad/runs/resume.py)."""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import math
 import os
@@ -152,3 +154,53 @@ class RecordWrites(Callback):
                 os.write(log, f"{event} {os.path.abspath(path)[len(run_dir):]}\n".encode())
 
         sys.addaudithook(hook)
+
+
+
+class FillDiskAtWrite(Callback):
+    """A Hydra callback: `fill_disk_at_write` for the job's run dir, from the start of the job."""
+
+    def __init__(self, pattern: str, filler: str, nth: int = 1):
+        self.pattern, self.filler, self.nth = pattern, filler, nth
+
+    def on_job_start(self, config, **kwargs) -> None:
+        fill_disk_at_write(config.hydra.runtime.output_dir, self.pattern, self.filler, self.nth)
+
+
+def fill_disk_at_write(run_dir: str | Path, pattern: str, filler: str | Path, nth: int = 1) -> None:
+    """The `nth` time this process is about to create a file or dir under `run_dir` whose path there matches
+    `pattern` (fnmatch, e.g. `checkpoints/.last.ckpt.*`: the temporary file beside last.ckpt), fill the filesystem
+    first with `filler` (a file outside `run_dir`), so that this write fails with ENOSPC, as on a full disk. Once
+    struck, the hook (which the process keeps) does nothing; deleting `filler` frees the space."""
+    run_dir = os.path.abspath(run_dir) + os.sep
+    seen = 0
+
+    def hook(event: str, args: tuple) -> None:
+        nonlocal seen
+        if event not in ("open", "os.mkdir") or seen >= nth or not isinstance(args[0], (str, os.PathLike)):
+            return
+        if event == "open" and not (isinstance(args[1], str) and set(args[1]) & set("wax+")
+                                    or (args[2] or 0) & RecordWrites.WRITE_FLAGS):
+            return
+        path = os.path.abspath(args[0])
+        if path.startswith(run_dir) and fnmatch.fnmatch(path[len(run_dir):], pattern):
+            seen += 1
+            if seen == nth:
+                fill(Path(filler))
+
+    sys.addaudithook(hook)
+
+
+def fill(filler: Path) -> None:
+    """Write zeros into `filler` until its filesystem has no space left."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for block in (1 << 20, 4096):
+            try:
+                while True:
+                    os.write(fd, bytes(block))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DEV_V1, SHARED, subprocess_env
+from conftest import DEV_V1, SHARED, one_error_line, subprocess_env
 from flan_squad.data.squad import DataError, read_squad_file
 from flan_squad.runs.lifecycle import Run
 from flan_squad.runs.lock import hold
@@ -25,17 +25,6 @@ from flan_squad.utils.errors import RunDirError
 # A tiny full fine-tuning on SQuAD v2 (so it writes na_probs.json), with the default callbacks and no logger.
 TINY = ["experiment=smoke", "strategy=full", "dataset.limit_train=8", "dataset.limit_val=4", "trainer.max_epochs=1",
         "dataset.max_source_length=128", "callbacks.last_checkpoint.every_n_train_steps=1"]
-
-
-def _one_error_line(result, *fragments: str) -> str:
-    """The run failed with exit status 2 and one line on stderr, `error: ...`, holding every fragment."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
-    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
-    return lines[-1]
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -77,7 +66,7 @@ def test_overwrite_keeps_the_previous_results_until_the_new_run_has_finished(v2_
     bad = tmp_path / "invalid.json"
     bad.write_text('{"version": "1.1", "data": 5}')
     failed = run_entry_point("flan_squad.train", [*args, f"dataset.train_file={bad}"])
-    _one_error_line(failed, str(bad))
+    one_error_line(failed, str(bad))
     assert _files(run_dir) == before  # every file of the previous run, byte for byte; nothing of the failed one
 
     replaced = run_entry_point("flan_squad.train", [*args, "dataset=squad_v1"])
@@ -95,7 +84,7 @@ def test_a_single_run_that_fails_with_exit_status_2_writes_status_json(tmp_path,
     run_dir = tmp_path / "run"
     result = run_entry_point("flan_squad.train", [*TINY, "logger=none", f"hydra.run.dir={run_dir}",
                                                   f"paths.cache_dir={cache_dir}", f"dataset.train_file={bad}"])
-    _one_error_line(result, str(bad))
+    one_error_line(result, str(bad))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and str(bad) in status["error"]
 
@@ -116,7 +105,7 @@ def test_a_run_dir_held_by_a_live_process_is_refused_and_a_dead_ones_lock_does_n
         for module, argv in [("flan_squad.train", [*TINY, f"hydra.run.dir={run_dir}"]),
                              ("flan_squad.evaluate", ["experiment=smoke", f"hydra.run.dir={run_dir}"]),
                              ("flan_squad.export", [f"run_dir={tmp_path}", f"output_dir={run_dir}"])]:
-            _one_error_line(run_entry_point(module, argv), f"{run_dir} is in use by process {holder.pid}")
+            one_error_line(run_entry_point(module, argv), f"{run_dir} is in use by process {holder.pid}")
         # DDP: the other ranks re-run the entry point in the dir that rank 0 holds
         monkeypatch.setenv("LOCAL_RANK", "1")
         with Run(OmegaConf.create({"paths": {"output_dir": str(run_dir)}})) as run:
@@ -159,7 +148,7 @@ def test_loading_a_run_dir_calls_no_function_it_names(section, v2_run, tmp_path,
         ("flan_squad.evaluate", ["experiment=smoke", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}",
                                  f"paths.cache_dir={cache_dir}", "dataset.limit_val=2"]),
     ]:
-        _one_error_line(run_entry_point(module, argv), f"{run_dir / 'config.yaml'}: {key}", "refused")
+        one_error_line(run_entry_point(module, argv), f"{run_dir / 'config.yaml'}: {key}", "refused")
         assert not (tmp_path / "PWNED").exists()
 
 
@@ -169,7 +158,7 @@ def test_remote_and_unreadable_checkpoints_are_refused_in_one_line(v2_run, tmp_p
     text.write_text("not a checkpoint\n")
     for ckpt, fragments in [("https://example.com/x.ckpt", ["ckpt_path=https://example.com/x.ckpt", "remote"]),
                             (str(text), [f"ckpt_path={text}", "not a readable checkpoint"])]:
-        _one_error_line(run_entry_point("flan_squad.train", [*args, f"hydra.run.dir={tmp_path / 'new'}",
+        one_error_line(run_entry_point("flan_squad.train", [*args, f"hydra.run.dir={tmp_path / 'new'}",
                                                              f"ckpt_path={ckpt}"]), *fragments)
 
     killed = tmp_path / "killed"  # a run killed while writing last.ckpt
@@ -177,7 +166,7 @@ def test_remote_and_unreadable_checkpoints_are_refused_in_one_line(v2_run, tmp_p
     (killed / "metrics.json").unlink()
     last = killed / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    _one_error_line(run_entry_point("flan_squad.train", [*args, f"hydra.run.dir={killed}", "resume=true"]),
+    one_error_line(run_entry_point("flan_squad.train", [*args, f"hydra.run.dir={killed}", "resume=true"]),
                     f"resume=true: {last} is not a readable checkpoint", "ckpt_path=")
 
 
@@ -194,20 +183,20 @@ def test_a_damaged_model_file_is_named_by_predict_export_and_evaluate(damage, v2
         ("flan_squad.evaluate", ["experiment=smoke", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}",
                                  f"paths.cache_dir={cache_dir}", "dataset.limit_val=2"]),
     ]:
-        _one_error_line(run_entry_point(module, argv), str(weights), damage)
+        one_error_line(run_entry_point(module, argv), str(weights), damage)
     assert not (tmp_path / "export").exists()
 
 
 def test_a_dir_under_a_regular_file_is_refused_in_one_line(v2_run, tmp_path, run_entry_point):
     regular = tmp_path / "file"
     regular.write_text("")
-    _one_error_line(run_entry_point("flan_squad.train", ["experiment=smoke", f"hydra.run.dir={regular}/run"]),
+    one_error_line(run_entry_point("flan_squad.train", ["experiment=smoke", f"hydra.run.dir={regular}/run"]),
                     f"hydra.run.dir={regular}/run", "under a regular file")
     # export refuses before it merges anything: a model it could not load would be named otherwise
     damaged = tmp_path / "damaged"
     shutil.copytree(v2_run, damaged)
     (damaged / "model" / "model.safetensors").unlink()
-    _one_error_line(run_entry_point("flan_squad.export", [f"run_dir={damaged}", f"output_dir={regular}/export"]),
+    one_error_line(run_entry_point("flan_squad.export", [f"run_dir={damaged}", f"output_dir={regular}/export"]),
                     f"output_dir={regular}/export", "under a regular file")
 
 

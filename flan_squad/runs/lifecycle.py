@@ -40,11 +40,17 @@ from flan_squad.runs import status
 from flan_squad.runs.lock import check_directory, hold
 from flan_squad.runs.previous import RUN_FILES, SetAside, refuse_results
 from flan_squad.runs.results import write_results
-from flan_squad.runs.resume import checkpoint_to_resume, describe_changes, resume_mode, resumed_config_changes
+from flan_squad.runs.resume import (
+    can_resume,
+    checkpoint_to_resume,
+    describe_changes,
+    resume_mode,
+    resumed_config_changes,
+)
 from flan_squad.runs.tracking import MLflowRun, store_of
 from flan_squad.runs.wandb_logger import log_results, settings_of
-from flan_squad.utils.errors import RunDirError, first_line, print_error
-from flan_squad.utils.files import read_json
+from flan_squad.utils.errors import DiskFull, RunDirError, first_line, full_disk_error, print_error
+from flan_squad.utils.files import read_json, write_file_atomic
 from flan_squad.utils.process import in_multirun, is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -56,10 +62,12 @@ class Run:
     Args:
         cfg: the run's composed config (its `paths.output_dir`; its `logger` group says whether MLflow tracks it).
         files: what this kind of run writes into its dir: the previous run's are set aside together.
+        resumable: a training run, which `resume=true` continues (a full disk says so); an evaluation starts again.
     """
 
-    def __init__(self, cfg: DictConfig, files: tuple[str, ...] = RUN_FILES):
+    def __init__(self, cfg: DictConfig, files: tuple[str, ...] = RUN_FILES, resumable: bool = True):
         self.cfg = cfg
+        self.resumable = resumable
         self.output_dir = Path(cfg.paths.output_dir).absolute()
         self.is_rank_zero = is_rank_zero()
         self.previous = SetAside(self.output_dir, files)
@@ -113,7 +121,7 @@ class Run:
                         "beginning", self.output_dir)
         self.started = True
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.output_dir / "config.yaml", resolve=True)
+        _save_yaml(self.cfg, self.output_dir / "config.yaml", resolve=True)
         _write_hydra_record(self.output_dir, self.cfg)
         if self.mlflow:
             self.mlflow.open(resume=bool(checkpoint and mode))
@@ -126,25 +134,50 @@ class Run:
         """The run has its results: write them (metrics.json last) and status.json "completed", delete the previous
         run's files, print `summary`. The MLflow run ends, with them, when the `with` block is left."""
         if self.is_rank_zero:
-            write_results(self.output_dir, predictions, na_probs, metrics, summary)
+            write_results(self.output_dir, predictions, na_probs, metrics)
             self.record = self._record(status.completed())
-            status.write_status(self.output_dir, self.record)
+            try:
+                status.write_status(self.output_dir, self.record)
+            except BaseException:
+                # not finished until its status says so: without metrics.json, resume=true continues it
+                (self.output_dir / "metrics.json").unlink(missing_ok=True)
+                raise
             self.previous.discard()
+            print(summary, flush=True)
         self.completed = True
 
     # --- 4. end ---------------------------------------------------------------------------------------------------
 
     def __exit__(self, kind, error: BaseException | None, tb) -> bool:
+        full = self._disk_full(error)
         try:
             if self.is_rank_zero:
                 if error is None and not self.completed and self.started:
                     error = RuntimeError(f"{self.output_dir}: the run ended without its results (Run.complete)")
                     self._ended(error)
                     raise error
-                self._ended(error)
+                self._ended(full or error)
         finally:
             self._held.close()
+        if full is not None:
+            raise full from error
         return False  # what was raised goes on: the entry point turns it into one line and an exit status
+
+    def _disk_full(self, error: BaseException | None) -> DiskFull | None:
+        """A failure for want of space, wherever it struck (a checkpoint, model/, the results, a logger), as one
+        `DiskFull` naming what could not be written and how to go on once space is freed."""
+        cause = full_disk_error(error)
+        if cause is None:
+            return None
+        path = cause.path if isinstance(cause, DiskFull) else getattr(cause, "filename", None) or self.output_dir
+        # a failure puts the previous run's files back (overwrite=true): then the run starts again
+        if self.resumable and not self.previous.moved and can_resume(self.output_dir):
+            full = DiskFull(path, f"free space, then rerun the same command with resume=true in hydra.run.dir="
+                                  f"{self.output_dir}")
+        else:
+            full = DiskFull(path, "free space, then run the same command again")
+        full.__cause__ = error  # status.json's traceback shows where it struck
+        return full
 
     def _ended(self, error: BaseException | None) -> None:
         if error is not None:
@@ -221,9 +254,14 @@ def _write_hydra_record(output_dir: Path, cfg: DictConfig) -> None:
         return  # a config composed outside a Hydra job (a test, a benchmark calling train() itself)
     record = output_dir / ".hydra"
     record.mkdir(exist_ok=True)
-    OmegaConf.save(cfg, record / "config.yaml")
-    OmegaConf.save(hydra_cfg, record / "hydra.yaml")
-    OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
+    _save_yaml(cfg, record / "config.yaml")
+    _save_yaml(hydra_cfg, record / "hydra.yaml")
+    _save_yaml(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
+
+
+def _save_yaml(config: Any, path: Path, resolve: bool = False) -> None:
+    """`OmegaConf.save`, whole or not at all: a resumed run rewrites config.yaml, which the next resume compares."""
+    write_file_atomic(path, lambda f: f.write(OmegaConf.to_yaml(config, resolve=resolve).encode("utf-8")))
 
 
 def _free_memory() -> None:

@@ -57,7 +57,9 @@ def hold(directory: str | Path) -> Iterator[None]:
             break
         os.close(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} ({' '.join(sys.argv)[:300]})\n".encode())
+    # The holder's name only helps a refusal: on a full disk the run goes on, to fail where it writes, naming the file.
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{os.getpid()} ({' '.join(sys.argv)[:300]})\n".encode())
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from flan_squad.runs.results import weights_note
+from flan_squad.utils.files import write_file_atomic
 from flan_squad.utils.process import in_multirun
 
 CARD = "README.md"
@@ -55,7 +56,8 @@ def write_model_card(directory: str | Path, metrics: dict[str, Any], config: Any
     cfg = OmegaConf.to_container(OmegaConf.create(config), resolve=True) if not isinstance(config, dict) else config
     adapter = (directory / "adapter_config.json").is_file()
     path = directory / CARD
-    ModelCard(_card(metrics, cfg, command, adapter, exported_by)).save(path)  # parsed first: a bad card fails here
+    card = str(ModelCard(_card(metrics, cfg, command, adapter, exported_by)))  # parsed first: a bad card fails here
+    write_file_atomic(path, lambda f: f.write(card.encode("utf-8")))  # a full disk leaves no half card in model/
     return path
 
 

@@ -73,12 +73,11 @@ def _mb(value: float) -> str:
 
 
 def write_results(output_dir: Path, predictions: dict[str, str], na_probs: dict[str, float] | None,
-                  metrics: dict[str, Any], summary_text: str) -> None:
+                  metrics: dict[str, Any]) -> None:
     """What a training run or an evaluation leaves, each file whole or not at all: `predictions.json`,
-    `na_probs.json` (SQuAD v2), and `metrics.json` last (its presence means the results are complete); then
-    prints the summary. Call on rank 0 only."""
+    `na_probs.json` (SQuAD v2), and `metrics.json` last (its presence means the results are complete). Call on
+    rank 0 only."""
     write_json_atomic(output_dir / "predictions.json", predictions)
     if na_probs is not None:
         write_json_atomic(output_dir / "na_probs.json", na_probs)
     write_json_atomic(output_dir / "metrics.json", metrics)
-    print(summary_text, flush=True)

@@ -73,6 +73,14 @@ def checkpoint_to_resume(output_dir: Path, ckpt_path: str | None, overwrite: boo
     return str(path)
 
 
+def can_resume(output_dir: Path) -> bool:
+    """Whether `resume=true` would continue the run in `output_dir` (`checkpoint_to_resume`): it has not finished
+    (no metrics.json) and left its last.ckpt, or at least its config.yaml (then it starts again)."""
+    output_dir = Path(output_dir)
+    return not (output_dir / "metrics.json").exists() and any(
+        (output_dir / name).is_file() for name in (LAST_CHECKPOINT, CONFIG_FILE))
+
+
 def resumed_config_changes(output_dir: Path, config: DictConfig, force: bool) -> list[dict[str, Any]]:
     """What a resumed run changes in its config.yaml that changes what it computes: [{key, old, new}].
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from flan_squad.utils.process import in_multirun
 
 ERROR_LINE_CHARS = 500  # an error as status.json and MLflow record it: one line, cut here
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, or the user's quota spent
 
 
 class FlanSquadError(Exception):
@@ -28,6 +32,16 @@ class RunDirError(FlanSquadError, FileExistsError):
 
 class TrainingError(FlanSquadError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class DiskFull(FlanSquadError, OSError):
+    """A write that found no space left on its filesystem (or the quota spent); the file it would have replaced is
+    kept whole (`flan_squad.utils.files`). `then`: what to do once space is freed (a run's lifecycle says)."""
+
+    def __init__(self, path: str | Path, then: str | None = None):
+        self.path, self.then = str(path), then
+        super().__init__(f"{path}: no space left on its device (disk full or quota exceeded)"
+                         + (f": {then}" if then else ""))
 
 
 class RunInterrupted(FlanSquadError):
@@ -74,6 +88,20 @@ def cause_chain(error: BaseException) -> Iterator[BaseException]:
     while seen is not None:
         yield seen
         seen = seen.__cause__
+
+
+def full_disk_error(error: BaseException | None) -> BaseException | None:
+    """The error in `error`'s chain (what it was raised from, or while handling) that says a disk is full: a
+    `DiskFull` (it names the file) first, else an `OSError` with ENOSPC / EDQUOT, else an error carrying the system's
+    message for them (all that torch's, safetensors' and tokenizers' writers keep); None for any other error."""
+    chain, seen = [], error
+    while seen is not None and all(seen is not other for other in chain):
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    messages = tuple(os.strerror(code) for code in FULL_DISK_ERRNOS)
+    return next((e for e in chain if isinstance(e, DiskFull)), None) or next(
+        (e for e in chain if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS
+         or any(message in str(e) for message in messages)), None)
 
 
 def user_error(e: BaseException) -> FlanSquadError | None:
