@@ -48,6 +48,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # out of it a failure puts the previous run's files back (or records status.json "failed"), an interruption
     # records "interrupted" and leaves the run resumable; the MLflow run (logger=mlflow) ends with the same status.
     with Run(cfg) as run:
+        if (kept := run.finished_sweep_job(cfg.resume)) is not None:
+            return kept  # a sweep run again with resume=true: this job finished with this config
         output_dir = run.output_dir
         # Refused if the dir holds results (unless overwrite: then set aside until `complete`), nothing to resume, or
         # a resume that changes what the run computes (unless resume=force); writes config.yaml and .hydra/, opens

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 
 
@@ -52,14 +53,33 @@ class PoisonWeightsAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Sends this process `signum` when step `step` starts, as a scheduler or Ctrl-C would."""
+    """Sends this process `signum` when step `step` starts, as a scheduler or Ctrl-C would (in a multirun: in job
+    `job` only; under DDP: in the process of global rank `rank` only, if given)."""
 
-    def __init__(self, signum: int, step: int):
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, job: int | None = None, rank: int | None = None):
+        self.signum, self.step, self.job, self.rank = signum, step, job, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not trainer.ckpt_path:
+        if (trainer.global_step == self.step and not trainer.ckpt_path and _in_job(self.job)
+                and self.rank in (None, trainer.global_rank)):
             os.kill(os.getpid(), self.signum)
+
+
+class CrashInJobOnce(L.Callback):
+    """Raises as job `job` of a multirun starts training, the first time only (`marker` records it): a failure that
+    the sweep run again does not meet (a lost node, say)."""
+
+    def __init__(self, job: int, marker: str):
+        self.job, self.marker = job, Path(marker)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if _in_job(self.job) and not self.marker.exists():
+            self.marker.touch()
+            raise InjectedCrash(f"crash injected in job {self.job}")
+
+
+def _in_job(job: int | None) -> bool:
+    return job is None or HydraConfig.get().job.num == job
 
 
 def KillAtStep(step: int) -> SignalAtStep:

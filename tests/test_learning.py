@@ -11,8 +11,8 @@ after epochs 1-3; auto precision = bf16-mixed there, fp32 on CPUs without native
   LoRA all-linear 10 / 38 / 60, QLoRA all-linear 10 / 38 / 59 (bf16-mixed)
   IA3 (lr 0.1, 2 epochs) on planted_v2 from the full planted_v1 model: 94 / 100, NoAns 100 (bf16-mixed); on a
   CPU without native bf16 (simulated, fp32 throughout) 87 / 93, NoAns 75. That base alone: HasAns 99, NoAns 0.
-  Full v1 with the other optimizers (fp32, AVX2-only CPU, 2 epochs): AdamW8bit 58 / 99, PagedAdamW8bit (unpaged on
-  a CPU) 58 / 99, Adafactor 87 / 99.
+  Full v1 with the other optimizers (fp32, AVX2-only CPU, after epochs 1-2): AdamW8bit 58 / 99, PagedAdamW8bit
+  (unpaged on a CPU) 58 / 99, Adafactor 87 / 99.
 The untrained model scores 0 on both versions (it never answers "" on v2, nor a planted word on either).
 """
 
@@ -92,17 +92,17 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
 
 
 def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache_dir, untrained, run_entry_point):
-    # conf/optimizer beside the default AdamW (the rest of this file): full fine-tuning on planted_v1, 2 epochs, the
-    # learning check's lr (3e-3) for each, validation after each epoch.
-    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1", "trainer.max_epochs=2",
+    # conf/optimizer beside the default AdamW (the rest of this file, which validates between epochs): full
+    # fine-tuning on planted_v1, one epoch at the learning check's lr (3e-3) for each.
+    jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1", "trainer.max_epochs=1",
                                        "optimizer=adamw8bit,paged_adamw8bit,adafactor"], tmp_path, cache_dir)
     by_optimizer = {job["optimizer"]: job for job in jobs}
     # bitsandbytes runs its paged AdamW unpaged on a CPU (it warns), with the same state as AdamW8bit
     assert set(by_optimizer) == {"AdamW8bit", "PagedAdamW8bit", "Adafactor"}
     for name, job in by_optimizer.items():
         f1_per_epoch = [float(v["val/f1"]) for v in job["validations"]]
-        assert len(f1_per_epoch) == 2 and job["lr"] == 3e-3, (name, f1_per_epoch)
-        assert untrained["planted_v1"]["f1"] < 2 and job["f1"] >= 60, (name, f1_per_epoch)
+        assert len(f1_per_epoch) == 1 and job["lr"] == 3e-3, (name, f1_per_epoch)
+        assert untrained["planted_v1"]["f1"] < 2 and job["f1"] >= 25, (name, f1_per_epoch)
     # What the state holds: AdamW keeps two fp32 moments per parameter (8 bytes); the 8-bit ones two bytes (and fp32
     # moments for tensors under 4,096 elements); Adafactor a row and a column of second moments per matrix.
     adamw_mb = 8 * by_optimizer["Adafactor"]["trainable_params"] / 2**20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -42,6 +43,47 @@ def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_
     assert json.loads((tmp_path / "single" / "predictions.json").read_text()) == predictions
     assert single["exact"] == metrics["exact"] and single["f1"] == metrics["f1"] and single["total"] == 13
     assert single["best_f1"] == metrics["best_f1"]
+
+
+def test_ddp_stopped_by_sigterm_checkpoints_the_step_on_every_process_and_resumes_to_the_same_run(tmp_path,
+                                                                                                    cache_dir):
+    # 2 processes, 4 steps an epoch (32 questions, 2 x 4 a step), 2 epochs; last.ckpt only at the epoch's validation
+    # (step 4), unless the interruption writes one. SIGTERM to rank 0 alone as step 5 starts: Lightning passes it on
+    # to the other process.
+    overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v1", "dataset.limit_train=32",
+                 "dataset.batch_size=4", "dataset.limit_val=8", "trainer.max_epochs=2", "trainer.precision=32-true",
+                 "callbacks.last_checkpoint.every_n_train_steps=100", "eval.max_new_tokens=4", "logger=none",
+                 f"paths.cache_dir={cache_dir}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    sigterm = ["+callbacks.sigterm._target_=fault_injection.SignalAtStep",
+               f"+callbacks.sigterm.signum={int(signal.SIGTERM)}", "+callbacks.sigterm.step=5",
+               "+callbacks.sigterm.rank=0"]
+
+    def train(run_dir, *more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flan_squad.train", *overrides, f"hydra.run.dir={run_dir}", *more],
+                              cwd=PROJECT_ROOT, env=_fault_env(), capture_output=True, text=True, timeout=600)
+
+    stopped = train(tmp_path / "run", *sigterm)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 6  # the end of step 5, not the step-4 checkpoint
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    resumed = train(tmp_path / "run", *sigterm, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("run", "whole")}
+    assert metrics["run"]["optimizer_steps"] == metrics["whole"]["optimizer_steps"] == 8
+    assert metrics["run"]["train_examples_seen"] == (8 - 6) * 8  # the resumed attempt trained steps 6 and 7
+    for name in ("predictions.json", "model/adapter_model.safetensors"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert metrics["run"]["best_checkpoint"] == metrics["whole"]["best_checkpoint"]
+
+
+def _fault_env() -> dict:
+    return subprocess_env(PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
 
 
 def _fsdp_run(run_dir, cache_dir, *overrides: str) -> dict:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.types import RunMode
 
 from conftest import compose_config
@@ -104,6 +106,50 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     assert table.count("| squad_v2 | lora rank=0 |") == 2  # failed before that: the strategy's overrides
 
 
+def test_a_sweep_run_again_with_resume_keeps_finished_jobs_reruns_failed_ones_and_continues_the_rest(
+        tmp_path, cache_dir, run_entry_point):
+    sweep = tmp_path / "sweep"
+    # 4 jobs of 4 steps: job 0 finishes, job 1 fails (once), Ctrl-C at job 2's step 2 ends the sweep, job 3 never runs
+    command = ["hparams_search=lr_rank", "experiment=smoke", "strategy.lr=1e-3", "strategy.rank=2,4,8,16",
+               "dataset.limit_train=16", "dataset.limit_val=4", "dataset.batch_size=4", "trainer.max_epochs=1",
+               "eval.max_new_tokens=4", "callbacks.last_checkpoint.every_n_train_steps=1", "logger=none",
+               f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
+               "+callbacks.crash._target_=fault_injection.CrashInJobOnce", "+callbacks.crash.job=1",
+               f"+callbacks.crash.marker={tmp_path / 'crashed'}",
+               "+callbacks.sigint._target_=fault_injection.SignalAtStep",
+               f"+callbacks.sigint.signum={int(signal.SIGINT)}", "+callbacks.sigint.step=2", "+callbacks.sigint.job=2"]
+    first = run_entry_point("flan_squad.train", command)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert [_status(sweep / job)["status"] for job in "012"] == ["completed", "failed", "interrupted"]
+    finished = (sweep / "0" / "metrics.json").stat().st_mtime_ns
+    stopped_at = _status(sweep / "2")["step"]  # the end of the step during which Ctrl-C came: its checkpoint's
+
+    again = run_entry_point("flan_squad.train", [*command, "resume=true"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == finished  # kept, not trained again
+    metrics = {job: json.loads((sweep / job / "metrics.json").read_text()) for job in "0123"}
+    assert all(_status(sweep / job)["status"] == "completed" for job in "0123")
+    assert [m["approach"]["capacity"]["value"] for m in metrics.values()] == [2, 4, 8, 16]
+    assert all(m["optimizer_steps"] == 4 for m in metrics.values())
+    assert metrics["2"]["resumed_from"] == str(sweep / "2" / "checkpoints" / "last.ckpt")  # from its step-2 checkpoint
+    assert stopped_at == 3 and metrics["2"]["train_examples_seen"] == (4 - stopped_at) * 4
+    assert metrics["1"]["resumed_from"] is None and metrics["3"]["resumed_from"] is None  # run from the start
+    _, settings, _ = build_report([str(sweep)])
+    assert [s.status for s in settings] == ["completed"] * 4
+
+    # Run again over another grid: a finished job with another config is refused by name; the others are kept.
+    other = run_entry_point("flan_squad.train", [*[a if a != "strategy.rank=2,4,8,16" else "strategy.rank=32,4,8,16"
+                                                   for a in command], "resume=true"])
+    assert other.returncode != 0
+    assert "finished with another config (strategy.rank: 2 -> 32)" in other.stderr
+    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == finished
+
+
+def _status(job_dir: Path) -> dict:
+    return json.loads((job_dir / "status.json").read_text())
+
+
 def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path, run_entry_point):
     sweep = tmp_path / "optuna"
     result = run_entry_point("flan_squad.train", [
@@ -114,6 +160,38 @@ def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path, run_entry_point
     assert len(trials) == 2 and all(t["strategy"] == "lora" for t in trials)
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "strategy.rank" in best
+
+
+def test_a_killed_optuna_search_run_again_continues_with_its_trials(tmp_path, cache_dir, run_entry_point):
+    sweep = tmp_path / "optuna"
+    # 3 trials of 4 steps; Ctrl-C at trial 1's step 2 ends the sweep while trial 1 is running
+    command = ["hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=3", "dataset.limit_train=16",
+               "dataset.limit_val=4", "dataset.batch_size=4", "trainer.max_epochs=1", "eval.max_new_tokens=4",
+               "logger=none", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
+               "+callbacks.sigint._target_=fault_injection.SignalAtStep",
+               f"+callbacks.sigint.signum={int(signal.SIGINT)}", "+callbacks.sigint.step=2", "+callbacks.sigint.job=1"]
+    first = run_entry_point("flan_squad.train", command)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert [_status(sweep / job)["status"] for job in "01"] == ["completed", "interrupted"]
+    finished = (sweep / "0" / "metrics.json").stat().st_mtime_ns
+
+    again = run_entry_point("flan_squad.train", command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == finished  # trial 0 counted, not run again
+    assert _status(sweep / "1")["status"] == "interrupted"
+    params = {job: _searched(sweep / job) for job in "0123"}
+    assert params["2"] == params["1"] and params["3"] not in (params["0"], params["1"])  # tried again, then a new one
+    f1 = {job: json.loads((sweep / job / "metrics.json").read_text())["f1"] for job in "023"}
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == max(f1.values())  # over the 3 trials of both runs
+    best = max(f1, key=f1.get)
+    assert {f"{k}={v}" for k, v in results["best_params"].items()} == set(params[best])
+
+
+def _searched(job_dir: Path) -> list[str]:
+    """The overrides that Optuna chose for this job."""
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+    return sorted(o for o in overrides if o.startswith(("strategy.lr=", "strategy.rank=")))
 
 
 def test_main_returns_the_optimized_metric_to_the_sweeper():

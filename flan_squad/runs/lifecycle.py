@@ -46,10 +46,11 @@ from flan_squad.runs.resume import (
     describe_changes,
     resume_mode,
     resumed_config_changes,
+    sweep_job_state,
 )
 from flan_squad.runs.tracking import MLflowRun, store_of
 from flan_squad.runs.wandb_logger import log_results, settings_of
-from flan_squad.utils.errors import DiskFull, RunDirError, first_line, full_disk_error, print_error
+from flan_squad.utils.errors import ConfigError, DiskFull, RunDirError, first_line, full_disk_error, print_error
 from flan_squad.utils.files import read_json, write_file_atomic
 from flan_squad.utils.process import in_multirun, is_rank_zero
 
@@ -76,6 +77,7 @@ class Run:
         self.wandb = settings_of(cfg) if self.is_rank_zero else None  # logger=wandb: its settings
         self.started = False  # the dir is this run's: its checks passed
         self.completed = False
+        self.kept = False  # a sweep's finished job, kept as it is (`finished_sweep_job`)
         self.record: dict[str, Any] = {}  # how the run ended: status.json's content, and what MLflow is told
         # resume=force: what this run changed in its config since it started, [{key, old, new}] (every attempt's)
         self.config_changes: list[dict[str, Any]] = []
@@ -106,6 +108,8 @@ class Run:
             ConfigError: resume=true with a config that changes what the run computes (naming each key).
         """
         mode = resume_mode(resume)
+        if mode and not ckpt_path and in_multirun():
+            mode, overwrite = self._sweep_job_mode(mode, overwrite)
         checkpoint = prepare_run_dir(self.output_dir, bool(mode), ckpt_path, overwrite, self.previous)
         if checkpoint and mode:  # config.yaml is still the run's own: compare before it is rewritten
             changes = resumed_config_changes(self.output_dir, self.cfg, force=mode == "force")
@@ -126,6 +130,39 @@ class Run:
         if self.mlflow:
             self.mlflow.open(resume=bool(checkpoint and mode))
         return checkpoint
+
+    def finished_sweep_job(self, resume: bool | str) -> dict[str, Any] | None:
+        """A sweep run again with resume=true keeps the jobs that finished: this job's metrics.json when it finished
+        with this config (then nothing is trained or written), else None.
+
+        Raises:
+            ConfigError: the job finished with another config (the sweep's grid or its other overrides changed).
+        """
+        if not (resume_mode(resume) and in_multirun() and sweep_job_state(self.output_dir) == "finished"):
+            return None
+        changes = resumed_config_changes(self.output_dir, self.cfg, force=True)
+        if changes:
+            raise ConfigError(f"resume=true: the job in {self.output_dir} finished with another config "
+                              f"({describe_changes(changes)}): resume a sweep with its own overrides, or run the new "
+                              f"sweep in another hydra.sweep.dir")
+        log.info("resume=true: the job in %s has finished: its results are kept", self.output_dir)
+        self.completed = self.kept = True
+        return read_json(self.output_dir / "metrics.json")
+
+    def _sweep_job_mode(self, mode: str, overwrite: bool) -> tuple[str | None, bool]:
+        """resume=true for one job of a sweep run again: a job the sweep never reached starts; a failed job runs
+        again with the same config (its files set aside until it finishes, as with overwrite=true); an interrupted
+        one continues."""
+        state = sweep_job_state(self.output_dir)
+        if state == "new":
+            log.info("resume=true: the sweep had not reached the job in %s: starting it", self.output_dir)
+            return None, overwrite
+        if state == "failed":
+            changes = resumed_config_changes(self.output_dir, self.cfg, force=mode == "force")
+            self.config_changes = changes
+            log.warning("resume=true: the job in %s failed: running it again", self.output_dir)
+            return None, True
+        return mode, overwrite
 
     # --- 3. complete --------------------------------------------------------------------------------------------
 
@@ -187,7 +224,7 @@ class Run:
             self._record_failure(self.record)
         if self.mlflow and self.mlflow.run_id:
             self.mlflow.end(self.record)
-        if self.wandb is not None:
+        if self.wandb is not None and not self.kept:
             try:  # tracking must not turn a finished run into a failed one: its files are there
                 job = HydraConfig.get().job.name if HydraConfig.initialized() else "train"
                 log_results(self.output_dir, self.wandb, self.record.get("status") == "completed", job_type=job)

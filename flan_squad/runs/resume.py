@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flan_squad.utils.errors import ConfigError, RunDirError
+from flan_squad.utils.files import read_json
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"  # the rolling checkpoint (conf/callbacks: last_checkpoint)
 CONFIG_FILE = "config.yaml"  # the run's resolved config, written as it starts (runs/lifecycle.py)
@@ -79,6 +80,19 @@ def can_resume(output_dir: Path) -> bool:
     output_dir = Path(output_dir)
     return not (output_dir / "metrics.json").exists() and any(
         (output_dir / name).is_file() for name in (LAST_CHECKPOINT, CONFIG_FILE))
+
+
+def sweep_job_state(output_dir: Path) -> str:
+    """What a multirun's job dir holds when the sweep is run again with resume=true: "finished" (its metrics.json:
+    kept), "failed" (status.json says so: run again), "new" (no trace of the job: the sweep never reached it) or
+    "interrupted" (continued from its checkpoint, or started again when it stopped before the first one)."""
+    output_dir = Path(output_dir)
+    if (output_dir / "metrics.json").is_file():
+        return "finished"
+    if not (output_dir / CONFIG_FILE).is_file() and not (output_dir / LAST_CHECKPOINT).is_file():
+        return "new"
+    status = read_json(output_dir / "status.json") or {}
+    return "failed" if status.get("status") == "failed" else "interrupted"
 
 
 def resumed_config_changes(output_dir: Path, config: DictConfig, force: bool) -> list[dict[str, Any]]:

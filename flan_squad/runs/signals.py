@@ -35,27 +35,30 @@ class Interruption(L.Callback):
 
     At the end of the step during which the signal came (where the rolling checkpoint is written anyway, so a
     resume from it is exactly a resume from an ordinary `last.ckpt`), or else where Lightning raised the stop.
-    One process only: under DDP the ranks may see the signal at different steps and saving is collective, so
-    they keep the last rolling checkpoint instead of risking a hang.
+    Under DDP the processes may see the signal at different steps and saving is collective: at the end of each step
+    they agree (one all-reduce of a flag) whether any of them received it, and then all save that step's checkpoint
+    together and stop. A stop that Lightning raises elsewhere on one process (in validation, say) keeps the last
+    checkpoint on disk there instead of risking a hang.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.received_sigterm:
+        if trainer.world_size == 1:
+            if trainer.received_sigterm:
+                self._save(trainer)
+        elif trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
             self._save(trainer)
+            raise SIGTERMException  # every process, at this step: the stop the run records (`interruptible`)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and trainer.world_size == 1:
             self._save(trainer)
-            if trainer.world_size == 1:
-                # Lightning's requeue handler saved hpc_ckpt_<n>.ckpt from inside the signal handler (mid-step, maybe)
-                # and would restore it over any later run in this dir under SLURM: last.ckpt supersedes it.
-                for stale in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
-                    stale.unlink()
+            # Lightning's requeue handler saved hpc_ckpt_<n>.ckpt from inside the signal handler (mid-step, maybe)
+            # and would restore it over any later run in this dir under SLURM: last.ckpt supersedes it.
+            for stale in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                stale.unlink()
 
     @staticmethod
     def _save(trainer: L.Trainer) -> None:
-        if trainer.world_size > 1:
-            return
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last:
                 save_last_checkpoint(callback, trainer)
