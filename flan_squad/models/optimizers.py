@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from flan_squad.utils.storage import storage_bytes
+
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in `optimizer.state` (moments, 8-bit quantisation maps and scales, factored second
     moments, step counters), each storage counted once: bitsandbytes shares one quantisation map between parameters.
     Under DDP or FSDP, this process's share."""
-    storages: dict[tuple[str, int], int] = {}
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                storage = value.untyped_storage()
-                storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, object]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flan_squad.models.optimizers import optimizer_state_bytes
+from flan_squad.utils.storage import storage_bytes
 
 
 class PeakMemory:
@@ -79,18 +80,6 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
                 torch.int8: "int8", torch.uint8: "uint8"}
 
 
-def _storage_bytes(tensors, seen: set[int]) -> int:
-    """Bytes of the storages behind `tensors`, each counted once across calls sharing `seen` (views, tied weights
-    and the code tables bitsandbytes shares between layers are one storage)."""
-    total = 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
 def _quant_state_tensors(quant_state) -> list[torch.Tensor]:
     # bitsandbytes' 4-bit QuantState: per-block absmax (itself quantised under double quantisation: state2), the
     # code table, the offset
@@ -108,12 +97,12 @@ def memory_account(model: nn.Module, optimizers: list | tuple = ()) -> dict[str,
     at once, between backward and the step); `optimizer_state`: every tensor in the optimizers' state (AdamW's two
     moments, an 8-bit optimizer's quantised ones, Adafactor's factored ones: read, not assumed).
     """
-    seen: set[int] = set()
+    seen: set[tuple[str, int]] = set()
     weights: dict[str, int] = {}
     for p in [*model.parameters(), *model.buffers()]:
         quant_state = getattr(p, "quant_state", None)
         kind = "4bit" if quant_state is not None else _DTYPE_NAMES.get(p.dtype, str(p.dtype).removeprefix("torch."))
-        n = _storage_bytes([p, *_quant_state_tensors(quant_state)], seen)
+        n = storage_bytes([p, *_quant_state_tensors(quant_state)], seen)
         if n:
             weights[kind] = weights.get(kind, 0) + n
     trainable = [p for p in model.parameters() if p.requires_grad]
