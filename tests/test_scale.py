@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSeq2SeqLM
@@ -16,28 +17,44 @@ from conftest import compose_config, subprocess_env
 from flan_squad.evaluate import evaluate
 from flan_squad.utils.config import PROJECT_ROOT, compose
 
+# 2 processes (gloo), 4 steps an epoch (32 questions, 2 x 4 a step), 2 epochs; 13 validation questions, so the
+# distributed sampler pads one duplicate. fp32 also where bf16 is native: each process batches other questions than one
+# process does, and bf16 rounding depends on that. last.ckpt only at each epoch's validation, unless an interruption
+# writes one.
+DDP = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=32", "dataset.batch_size=4",
+       "dataset.limit_val=13", "trainer.max_epochs=2", "trainer.precision=32-true", "eval.max_new_tokens=8",
+       "callbacks.last_checkpoint.every_n_train_steps=100", "logger=none", "trainer=ddp", "trainer.accelerator=cpu",
+       "trainer.devices=2"]
 
-def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_dir):
-    run_dir = tmp_path / "ddp"
-    # 13 validation questions over 2 processes: the distributed sampler pads one duplicate. fp32 also where bf16
-    # is native: each process batches other questions than one process does, and bf16 rounding depends on that.
-    overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_train=16",
-                 "dataset.limit_val=13", "trainer.max_epochs=1", f"paths.cache_dir={cache_dir}",
-                 "trainer.precision=32-true"]
-    result = subprocess.run(
-        [sys.executable, "-m", "flan_squad.train", *overrides, "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", f"hydra.run.dir={run_dir}"],
-        cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+def _train_ddp(run_dir, cache_dir, *more: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flan_squad.train", *DDP, f"paths.cache_dir={cache_dir}",
+                           f"hydra.run.dir={run_dir}", *more],
+                          cwd=PROJECT_ROOT, env=_fault_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cache_dir):
+    """An uninterrupted DDP run, and what it printed."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = _train_ddp(run_dir, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # the second process wrote into the same run dir
+    return run_dir, result
+
+
+def test_ddp_scores_every_question_once_and_matches_one_process(ddp_run, tmp_path, cache_dir):
+    run_dir, result = ddp_run
+    assert [p.name for p in run_dir.parent.iterdir()] == ["run"]  # the second process wrote into the same run dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = json.loads((run_dir / "predictions.json").read_text())
     assert metrics["total"] == metrics["val_examples"] == len(predictions) == 13
-    assert metrics["train_examples_seen"] == 16 and metrics["optimizer_steps"] == 1  # 2 x 8 in one step
+    assert metrics["train_examples_seen"] == 64 and metrics["optimizer_steps"] == 8  # 2 x 4 a step, 2 x 4 steps
     assert result.stdout.count("flan-squad · lora") == 1  # one summary: only rank 0 reports
 
     # The same trained adapter, restored and evaluated in one process, gives the same answers and scores.
-    cfg = compose_config(overrides + [f"run_dir={run_dir}", "trainer=cpu"], output_dir=tmp_path / "single",
+    same = ["experiment=smoke", "strategy=lora", "dataset=squad_v2", "dataset.limit_val=13",
+            "trainer.precision=32-true", "eval.max_new_tokens=8"]
+    cfg = compose_config([*same, f"run_dir={run_dir}", "trainer=cpu"], output_dir=tmp_path / "single",
                          cache=cache_dir, config_name="evaluate")
     single = evaluate(cfg)
     assert json.loads((tmp_path / "single" / "predictions.json").read_text()) == predictions
@@ -45,24 +62,13 @@ def test_ddp_scores_every_question_once_and_matches_one_process(tmp_path, cache_
     assert single["best_f1"] == metrics["best_f1"]
 
 
-def test_ddp_stopped_by_sigterm_checkpoints_the_step_on_every_process_and_resumes_to_the_same_run(tmp_path,
+def test_ddp_stopped_by_sigterm_checkpoints_the_step_on_every_process_and_resumes_to_the_same_run(ddp_run, tmp_path,
                                                                                                     cache_dir):
-    # 2 processes, 4 steps an epoch (32 questions, 2 x 4 a step), 2 epochs; last.ckpt only at the epoch's validation
-    # (step 4), unless the interruption writes one. SIGTERM to rank 0 alone as step 5 starts: Lightning passes it on
-    # to the other process.
-    overrides = ["experiment=smoke", "strategy=lora", "dataset=squad_v1", "dataset.limit_train=32",
-                 "dataset.batch_size=4", "dataset.limit_val=8", "trainer.max_epochs=2", "trainer.precision=32-true",
-                 "callbacks.last_checkpoint.every_n_train_steps=100", "eval.max_new_tokens=4", "logger=none",
-                 f"paths.cache_dir={cache_dir}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    # SIGTERM to rank 0 alone as step 5 starts (epoch 2): Lightning passes it on to the other process.
     sigterm = ["+callbacks.sigterm._target_=fault_injection.SignalAtStep",
                f"+callbacks.sigterm.signum={int(signal.SIGTERM)}", "+callbacks.sigterm.step=5",
                "+callbacks.sigterm.rank=0"]
-
-    def train(run_dir, *more: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flan_squad.train", *overrides, f"hydra.run.dir={run_dir}", *more],
-                              cwd=PROJECT_ROOT, env=_fault_env(), capture_output=True, text=True, timeout=600)
-
-    stopped = train(tmp_path / "run", *sigterm)
+    stopped = _train_ddp(tmp_path / "run", cache_dir, *sigterm)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["step"] == 6  # the end of step 5, not the step-4 checkpoint
@@ -70,16 +76,14 @@ def test_ddp_stopped_by_sigterm_checkpoints_the_step_on_every_process_and_resume
     assert checkpoint["global_step"] == 6
     assert not (tmp_path / "run" / "metrics.json").exists()
 
-    resumed = train(tmp_path / "run", *sigterm, "resume=true")
+    resumed = _train_ddp(tmp_path / "run", cache_dir, *sigterm, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = train(tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("run", "whole")}
-    assert metrics["run"]["optimizer_steps"] == metrics["whole"]["optimizer_steps"] == 8
-    assert metrics["run"]["train_examples_seen"] == (8 - 6) * 8  # the resumed attempt trained steps 6 and 7
+    whole = ddp_run[0]
+    metrics = {run: json.loads((run / "metrics.json").read_text()) for run in (tmp_path / "run", whole)}
+    assert metrics[tmp_path / "run"]["train_examples_seen"] == (8 - 6) * 8  # the resumed attempt trained steps 6, 7
     for name in ("predictions.json", "model/adapter_model.safetensors"):
-        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    assert metrics["run"]["best_checkpoint"] == metrics["whole"]["best_checkpoint"]
+        assert (tmp_path / "run" / name).read_bytes() == (whole / name).read_bytes(), name
+    assert metrics[tmp_path / "run"]["best_checkpoint"] == metrics[whole]["best_checkpoint"]
 
 
 def _fault_env() -> dict:
