@@ -8,7 +8,9 @@ on the requeue signal (SIGUSR1: `#SBATCH --signal=USR1@90`). What Lightning leav
   it lands, even mid optimizer step, and exit 1), and turns the stop into `RunInterrupted`, which the run's
   lifecycle records (`status.json` "interrupted" with the step) and the entry point exits with: 128 + signal (143
   SIGTERM, 130 SIGINT), never 0 (`SIGTERMException` is a `SystemExit` without a code, so a plain Lightning run
-  preempted this way exits 0). A SLURM job requeued after it continues from its `last.ckpt` (`resume.requeued`).
+  preempted this way exits 0). A SLURM job requeued after it continues from its `last.ckpt` (`resume.requeued`);
+- a signal that comes after Lightning last looks for one (the last epoch's end, the last validation batch) stops the
+  run all the same (`Interruption.on_fit_end`, the end of `interruptible`): Lightning would go on and exit 0.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class Interruption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm:
             self._save(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # came after the loops last looked (the last epoch's end): stop all the same (one process: see _save)
+        if trainer.received_sigterm and trainer.world_size == 1:
+            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
@@ -88,6 +95,8 @@ def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         yield
+        if trainer.received_sigterm and trainer.world_size == 1:  # came during the last validation batch or after
+            raise SIGTERMException
     except SIGTERMException:
         signum = received[0] if received else signal.SIGTERM
         checkpoint = output_dir / LAST_CHECKPOINT
