@@ -97,6 +97,9 @@ class OwedValidation(L.Callback):
         """The checkpoint is written after an epoch's last training step and before that epoch's validation."""
         if trainer.state.fn != "fit" or trainer.validating or self.validated_step == trainer.global_step:
             return False
+        epoch = trainer.fit_loop.epoch_progress.current
+        if epoch.processed == epoch.started:  # between epochs, or training over: the epoch's validation has run
+            return False
         every = trainer.check_val_every_n_epoch
         return bool(trainer.enable_validation and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
                     and (every is None or (trainer.current_epoch + 1) % every == 0))

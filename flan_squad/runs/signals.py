@@ -33,17 +33,25 @@ log = logging.getLogger(__name__)
 
 
 class Interruption(L.Callback):
-    """Writes `last.ckpt` when Lightning stops training on SIGTERM (or SIGINT, see `interruptible`).
+    """Writes `last.ckpt` where training stops: when Lightning stops it on SIGTERM (or SIGINT, see `interruptible`),
+    and at its end.
 
-    At the end of the step during which the signal came (where the rolling checkpoint is written anyway, so a
+    On a signal: at the end of the step during which it came (where the rolling checkpoint is written anyway, so a
     resume from it is exactly a resume from an ordinary `last.ckpt`), or else where Lightning raised the stop.
     One process only: under DDP the ranks may see the signal at different steps and saving is collective, so
-    they keep the last rolling checkpoint instead of risking a hang.
+    they keep the last rolling checkpoint instead of risking a hang. At the end of training, every rank: Lightning
+    writes last.ckpt there only if the process wrote none before, so a run's last.ckpt would be the end of training
+    or an earlier step depending on whether (and where) it was resumed.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm:
             self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                save_last_checkpoint(callback, trainer, again=True)  # the one at this step preceded its validation
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # came after the loops last looked (the last epoch's end): stop all the same (one process: see _save)
@@ -68,12 +76,12 @@ class Interruption(L.Callback):
                 save_last_checkpoint(callback, trainer)
 
 
-def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
-    """`callback`'s last.ckpt for this step, unless it holds it already: ModelCheckpoint's own save, as its
-    `on_train_end` does it. Lightning has no public call for it; this is the one place that uses its private
+def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer, again: bool = False) -> None:
+    """`callback`'s last.ckpt for this step, unless it holds it already (or `again`): ModelCheckpoint's own save, as
+    its `on_train_end` does it. Lightning has no public call for it; this is the one place that uses its private
     `_last_global_step_saved`, `_monitor_candidates` and `_save_last_checkpoint` (tests/test_run_lifecycle.py
     fails if Lightning changes them)."""
-    if callback._last_global_step_saved != trainer.global_step:
+    if again or callback._last_global_step_saved != trainer.global_step:
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
