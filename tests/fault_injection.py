@@ -3,12 +3,15 @@ callback `+hydra.callbacks.name._target_=fault_injection.X`): faults, delays, an
 
 A fault strikes the run's first attempt only: a resumed attempt (Lightning's `trainer.ckpt_path` set) runs without
 it, so a test resumes with the same command line plus `resume=true`, as a user does (a resume with another config
-is refused, flan_squad/runs/resume.py)."""
+is refused, flan_squad/runs/resume.py). `InterruptAt` strikes whichever attempt its environment variable tells it
+to, the config staying the same."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
+import io
 import json
 import math
 import os
@@ -123,6 +126,113 @@ class CrashInValidation(L.Callback):
 
 class InjectedCrash(RuntimeError):
     pass
+
+
+MOMENTS_FILE = "FLAN_SQUAD_TEST_MOMENTS"  # where a run appends the name of each moment it passes
+INTERRUPT_AT = "FLAN_SQUAD_TEST_INTERRUPT"  # "<SIGNAL> <n> <timeline file>": see InterruptAt
+INTERRUPTED_BY = "interrupted here by "  # the line InterruptAt appends to the moments file when it signals
+
+
+class InterruptAt(L.Callback):
+    """Signals this process at a chosen moment of the run, in any attempt of it, and records the moments it passes.
+
+    A moment is named as the run sees it: `train step 4` (after its backward pass, before the update), `validation
+    of epoch 0, batch 1, at step 5`, `write checkpoints/last.ckpt at step 4` (with half of its bytes written), `end of
+    training at step 15`, `final validation, batch 0` (the best checkpoint's), `write model` / `write
+    predictions.json` / ... (about to be renamed into place). The moments of the uninterrupted run, in order, are the
+    run's timeline; an attempt resumed from a checkpoint passes through the rest of it. Set by the environment, so
+    that every attempt runs the same config (as a resume requires):
+    - `$FLAN_SQUAD_TEST_MOMENTS`: a file that each moment's name is appended to as the run passes it;
+    - `$FLAN_SQUAD_TEST_INTERRUPT`: `<SIGNAL> <n> <timeline file>`: send SIGNAL (SIGKILL, SIGTERM, SIGINT) to this
+      process at the first moment that is the timeline's n-th (from 0) or a later one, once.
+    Neither set: it does nothing.
+    """
+
+    def __init__(self):
+        self.moments_file = os.environ.get(MOMENTS_FILE)
+        self.signum, self.timeline = None, {}
+        if os.environ.get(INTERRUPT_AT):
+            name, n, timeline_file = os.environ[INTERRUPT_AT].split(" ", 2)
+            self.signum, self.at = signal.Signals[name], int(n)
+            self.timeline = {moment: i for i, moment in enumerate(Path(timeline_file).read_text().splitlines())}
+        self.run_dir: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        global _recorder
+        self.run_dir = Path(trainer.default_root_dir).absolute()
+        if _recorder is None:
+            sys.addaudithook(_on_audit_event)  # the final writes (model/, results) come after training, in no hook
+        _recorder = self
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if getattr(checkpoint_io, "_interrupt_at", None) is self:
+            return
+        save = checkpoint_io.save_checkpoint
+
+        def save_checkpoint(checkpoint, path, storage_options=None):
+            moment = f"write {os.path.relpath(path, self.run_dir)} at step {checkpoint['global_step']}"
+            if checkpoint.get("owed_validation"):
+                moment += ", before its epoch's validation"  # (the same step's last.ckpt is written again after it)
+            with _halfway_through_torch_save(lambda: self._passing(moment)):
+                save(checkpoint, path, storage_options)
+
+        checkpoint_io.save_checkpoint, checkpoint_io._interrupt_at = save_checkpoint, self
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._passing(f"train step {trainer.global_step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._passing(f"end of training at step {trainer.global_step}")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn != "fit":
+            self._passing(f"final validation, batch {batch_idx}")
+            return
+        self._passing(f"validation of epoch {trainer.current_epoch}, batch {batch_idx}, at step {trainer.global_step}")
+
+    def _passing(self, moment: str) -> None:
+        if self.moments_file:
+            with open(self.moments_file, "a") as f:
+                f.write(moment + "\n")
+        if self.signum is not None and self.timeline.get(moment, -1) >= self.at:
+            signum, self.signum = self.signum, None
+            if self.moments_file:
+                with open(self.moments_file, "a") as f:
+                    f.write(f"{INTERRUPTED_BY}{signum.name}\n")
+            os.kill(os.getpid(), signum)
+
+
+_recorder: InterruptAt | None = None  # the run this process trained last (an audit hook cannot be removed)
+
+
+def _on_audit_event(event: str, args: tuple) -> None:
+    # a file or dir of the run's results about to be renamed into place, its bytes written (utils/files.py)
+    if event == "os.rename" and _recorder is not None:
+        destination = Path(os.path.abspath(args[1]))
+        if destination.parent == _recorder.run_dir and not destination.name.startswith("."):
+            _recorder._passing(f"write {destination.name}")
+
+
+@contextlib.contextmanager
+def _halfway_through_torch_save(halfway):
+    """torch.save, with `halfway()` called when half of the bytes are in the file."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        original(obj, buffer, *args, **kwargs)
+        data = buffer.getbuffer()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        halfway()
+        f.write(data[len(data) // 2:])
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = original
 
 
 class RecordRank(L.Callback):

@@ -257,3 +257,159 @@ def test_dir_write_is_all_or_nothing(tmp_path):
     assert (target / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # mkdtemp's mode would hide it from other users
+
+
+# --- interrupted anywhere, any number of times ----------------------------------------------------------------
+
+# One run, interrupted at moments drawn from its own timeline (fault_injection.InterruptAt) and resumed each time. The
+# learning check's task, fp32, dropout on: 40 questions in batches of 8, 5 steps an epoch, 3 epochs, each validated
+# in 2 batches; last.ckpt every 2 steps. The best checkpoint follows val/loss, which falls every epoch: each validation
+# replaces the best (and deletes the old one). A second checkpoint callback keeps every validated epoch's weights
+# (epoch=E-step=S.ckpt), so that a validation skipped or done on other weights shows.
+INTERRUPTED = ["experiment=learning_check", "strategy=full", "strategy.lr=1e-2", "dataset.limit_train=40",
+               "dataset.batch_size=8", "dataset.limit_val=8", "dataset.eval_batch_size=4", "trainer.max_epochs=3",
+               "trainer.precision=32-true", "logger=none", "model.architecture.dropout_rate=0.1",
+               "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.monitor=val/loss",
+               "callbacks.model_checkpoint.mode=min",
+               "+callbacks.every_validation._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+               "+callbacks.every_validation.monitor=val/f1", "+callbacks.every_validation.save_top_k=-1",
+               "+callbacks.every_validation.enable_version_counter=false",
+               "+callbacks.interrupt._target_=fault_injection.InterruptAt"]
+INTERRUPTIONS = 8
+RESULTS = ("write model", "write predictions.json", "write metrics.json")  # the final writes, in order
+# What the interruptions cover, each at least once: a moment's kind (`_kind`).
+KINDS = ("before the first checkpoint", "validation", "checkpoint write", "end of training", "final writes")
+
+
+def _kind(timeline: list[str], index: int) -> str:
+    moment = timeline[index]
+    if index < next(i for i, m in enumerate(timeline) if m.startswith("write checkpoints/")):
+        return "before the first checkpoint"
+    if moment in RESULTS:
+        return "final writes"
+    if index >= _end_of_training(timeline):  # the last epoch's end, the best checkpoint validated again
+        return "end of training"
+    if moment.startswith("write checkpoints/"):
+        return "checkpoint write"
+    return "validation" if moment.startswith("validation") else "training"
+
+
+def _end_of_training(timeline: list[str]) -> int:
+    return next(i for i, moment in enumerate(timeline) if moment.startswith("end of training"))
+
+
+def _next_moment(rng, timeline: list[str], reached: int, attempt: int, kinds: list[str]) -> int:
+    """Where attempt `attempt` is interrupted: a moment past the furthest the run has reached (so that this attempt
+    passes it), of the kind `kinds` plans for it; during training, among the next few, so that the attempts spread."""
+    kind = kinds[attempt]
+    if kind in ("end of training", "final writes"):
+        return rng.choice([i for i in range(reached + 1, len(timeline)) if _kind(timeline, i) == kind])
+    training = list(range(reached + 1, _end_of_training(timeline)))
+    window = training[: max(1, len(training) // (kinds.index("end of training") - attempt))]
+    of_kind = [i for i in training if kind == "any" or _kind(timeline, i) == kind]
+    return rng.choice([i for i in of_kind if i in window] or of_kind[:1])
+
+
+def _plan(rng) -> tuple[list[str], list[signal.Signals]]:
+    """Each attempt's kind of moment and signal: every kind in KINDS, and every signal, at least once."""
+    during_training = ["validation", "checkpoint write"] + ["any"] * (INTERRUPTIONS - 5)
+    rng.shuffle(during_training)
+    kinds = ["before the first checkpoint", *during_training, "end of training", "final writes"]
+    signals = [signal.SIGTERM, signal.SIGINT]
+    signals += [rng.choice([signal.SIGKILL, *signals]) for _ in range(INTERRUPTIONS - 4)]
+    rng.shuffle(signals)
+    # SIGKILL first, so that the run has no checkpoint (resume=true then starts it again); the end of training gets a
+    # signal the run can catch (what the run does with it is what is tested there)
+    signals.insert(0, signal.SIGKILL)
+    signals.insert(kinds.index("end of training"), rng.choice([signal.SIGTERM, signal.SIGINT]))
+    return kinds, signals
+
+
+def _exit_status(signum: signal.Signals, kind: str) -> int:
+    """What an attempt stopped by `signum` exits with: 143 / 130 as the run stops itself; killed by the signal (-9, or
+    -15 for a SIGTERM in the final writes, after Lightning's handler is gone)."""
+    killed = signum == signal.SIGKILL or (signum == signal.SIGTERM and kind == "final writes")
+    return -signum if killed else 128 + signum
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread in this process, as in the subprocesses that set OMP_NUM_THREADS=1: sums over two threads
+    come in another order (the weights then differ by ~1e-5 whatever a resume does)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_run_interrupted_anywhere_any_number_of_times_ends_as_the_uninterrupted_run(tmp_path, cache_dir, one_thread,
+                                                                                      run_entry_point, monkeypatch):
+    import random
+
+    import torch
+
+    from fault_injection import INTERRUPT_AT, INTERRUPTED_BY, MOMENTS_FILE
+
+    # The uninterrupted run, in this process: its moments, in order, are the timeline that interruptions are drawn from.
+    args = [*INTERRUPTED, f"paths.cache_dir={cache_dir}"]
+    reference_dir, timeline_file = tmp_path / "uninterrupted", tmp_path / "timeline.txt"
+    monkeypatch.setenv(MOMENTS_FILE, str(timeline_file))
+    uninterrupted = run_entry_point("flan_squad.train", args + [f"hydra.run.dir={reference_dir}"])
+    monkeypatch.delenv(MOMENTS_FILE)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    timeline = timeline_file.read_text().splitlines()
+    assert len(set(timeline)) == len(timeline) and set(RESULTS) <= set(timeline), timeline
+    timeline = timeline[: timeline.index(RESULTS[-1]) + 1]  # from metrics.json on, the run has finished
+
+    # Seed 3's draw also has Ctrl-C in a validation, a checkpoint killed half written, a best checkpoint written again
+    # by a resumed run, and a SIGTERM as training ends; each attempt's moment and signal are printed.
+    seed = int(os.environ.get("FLAN_SQUAD_INTERRUPT_SEED", "3"))
+    story = [f"interruptions drawn with seed {seed} (FLAN_SQUAD_INTERRUPT_SEED=<n> draws others)"]
+    rng = random.Random(seed)
+    kinds, signals = _plan(rng)
+
+    run_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "flan_squad.train", *args, f"hydra.run.dir={run_dir}"]
+    reached, fired = -1, []  # the furthest moment of the timeline that an attempt passed; where each was interrupted
+    for attempt, signum in enumerate(signals):
+        at = _next_moment(rng, timeline, reached, attempt, kinds)
+        moments = tmp_path / f"moments-{attempt}.txt"
+        env = {**_env(), "OMP_NUM_THREADS": "1", MOMENTS_FILE: str(moments),
+               INTERRUPT_AT: f"{signum.name} {at} {timeline_file}"}
+        ended = subprocess.run(command + (["resume=true"] if attempt else []), cwd=PROJECT_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        passed = moments.read_text().splitlines() if moments.exists() else []
+        where = [passed[i - 1] for i, line in enumerate(passed) if line.startswith(INTERRUPTED_BY)]
+        story.append(f"attempt {attempt}: {signum.name} at {where[0] if where else None!r} (drawn: "
+                     f"{timeline[at]!r}, {kinds[attempt]}), exit status {ended.returncode}")
+        print(story[-1])  # (shown when the test fails)
+        assert where == [timeline[at]], (passed, ended.stderr[-3000:])  # it got there, and was interrupted there
+        assert ended.returncode == _exit_status(signum, _kind(timeline, at)), ended.stderr[-3000:]
+        assert not (run_dir / "metrics.json").exists()
+        reached = max([reached, *(timeline.index(moment) for moment in passed if moment in timeline)])
+        fired.append(at)
+    assert {_kind(timeline, at) for at in fired} >= set(KINDS)
+
+    resumed = run_entry_point("flan_squad.train", args + [f"hydra.run.dir={run_dir}", "resume=true"])
+    print("\n".join(story))  # again: the run above read what was printed before
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics, reference = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference_dir))
+    assert metrics["resumed_from"] and metrics["best_checkpoint"] == reference["best_checkpoint"]
+    assert reference["best_checkpoint"] == "checkpoints/best-epoch2-step15.ckpt"  # replaced at every validation
+    assert {k: metrics[k] for k in ("exact", "f1", "optimizer_steps")} == {
+        k: reference[k] for k in ("exact", "f1", "optimizer_steps")}
+    assert (json.loads((run_dir / "predictions.json").read_text())
+            == json.loads((reference_dir / "predictions.json").read_text()))
+    # the same files (no leftovers of a write cut short), the same checkpoints and model
+    for where in (".", "checkpoints", "model"):
+        assert sorted(p.name for p in (run_dir / where).iterdir()) == sorted(
+            p.name for p in (reference_dir / where).iterdir()), where
+    for checkpoint in (reference_dir / "checkpoints").iterdir():
+        ours, theirs = (torch.load(d / "checkpoints" / checkpoint.name, weights_only=True)
+                        for d in (run_dir, reference_dir))
+        for part in ("global_step", "state_dict", "optimizer_states", "lr_schedulers"):
+            _assert_same_tensors(ours[part], theirs[part], f"{checkpoint.name}: {part}")
+    _assert_same_tensors(load_file(run_dir / "model" / "model.safetensors"),
+                         load_file(reference_dir / "model" / "model.safetensors"), "model")

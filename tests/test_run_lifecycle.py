@@ -106,6 +106,28 @@ def test_an_interrupted_run_stays_resumable_and_keeps_the_previous_one_aside(sto
     assert (aside / "metrics.json").read_text() == '{"f1": 50.0}'
 
 
+def test_a_run_resumed_and_completed_keeps_nothing_of_its_interrupted_attempts(tmp_path, rank):
+    # A kill mid-write leaves a temporary file or staging dir beside the file (utils/files.py): the next attempt
+    # deletes them. An attempt that started over (or overwrote a run) set files aside in its own .previous-<pid>/: they
+    # go when the run completes, whichever attempt completes it.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 4}, run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "checkpoints" / ".last.ckpt.k3j2vx.tmp").write_bytes(b"half a checkpoint")
+    (run_dir / ".model.staging-x1y2z3").mkdir()
+    (run_dir / ".model.staging-x1y2z3" / "model.safetensors").write_bytes(b"half a model")
+    (run_dir / ".predictions.json.a8b9c0.tmp").write_text("{")
+    (run_dir / ".previous-123").mkdir()
+    (run_dir / ".previous-123" / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "notes.txt").write_text("mine")
+    with Run(_config(run_dir)) as run:
+        assert run.start(resume=True).endswith("last.ckpt")
+        assert sorted(p.name for p in run_dir.rglob(".*")) == [".previous-123"]
+        run.complete({"f1": 70.0}, {"q": "a"}, None, "summary")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.json", "notes.txt",
+                                                         "predictions.json", "status.json"]
+
+
 def test_a_refused_run_writes_nothing(tmp_path, rank):
     run_dir = tmp_path / "run"
     before = _previous_run(run_dir)

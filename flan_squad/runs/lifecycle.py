@@ -41,6 +41,7 @@ from flan_squad.runs.lock import check_directory, hold
 from flan_squad.runs.previous import RUN_FILES, SetAside, refuse_results
 from flan_squad.runs.results import write_results
 from flan_squad.runs.resume import (
+    LAST_CHECKPOINT,
     can_resume,
     checkpoint_to_resume,
     describe_changes,
@@ -51,7 +52,7 @@ from flan_squad.runs.resume import (
 from flan_squad.runs.tracking import MLflowRun, store_of
 from flan_squad.runs.wandb_logger import log_results, settings_of
 from flan_squad.utils.errors import ConfigError, DiskFull, RunDirError, first_line, full_disk_error, print_error
-from flan_squad.utils.files import read_json, write_file_atomic
+from flan_squad.utils.files import read_json, remove_unfinished_writes, write_file_atomic
 from flan_squad.utils.process import in_multirun, is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class Run:
             log.warning("resume=true: the run in %s stopped before its first checkpoint: starting it from the "
                         "beginning", self.output_dir)
         self.started = True
+        for directory in (self.output_dir, self.output_dir / Path(LAST_CHECKPOINT).parent):
+            remove_unfinished_writes(directory)  # an earlier attempt's, killed while writing
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _save_yaml(self.cfg, self.output_dir / "config.yaml", resolve=True)
         _write_hydra_record(self.output_dir, self.cfg)

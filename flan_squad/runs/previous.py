@@ -1,8 +1,8 @@
 """The previous run's files in a run dir: replaced only when asked (overwrite=true), and only by results.
 
 A new run that may replace them sets them aside into `.previous-<pid>/` in the dir until it has finished: they
-are deleted when it succeeds, put back (in place of whatever it wrote) when it fails, and kept there when it is
-interrupted (it can be resumed; the previous run is not lost).
+are deleted when it succeeds (once resumed, if it was interrupted), put back (in place of whatever it wrote) when it
+fails, and kept there when it is interrupted (it can be resumed; the previous run is not lost).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ class SetAside:
                 self.moved.append(name)
 
     def discard(self) -> None:
-        """The new run has finished: the previous run's files go."""
-        shutil.rmtree(self.aside, ignore_errors=True)
+        """The new run has finished: the previous run's files go, also those that an attempt of it, interrupted, had
+        set aside into its own `.previous-<pid>/`."""
+        for aside in self.directory.glob(".previous-*"):
+            shutil.rmtree(aside, ignore_errors=True)
 
     def put_back(self) -> None:
         """The new run failed: the previous run's files replace whatever it wrote."""

@@ -8,7 +8,9 @@ on the requeue signal (SIGUSR1: `#SBATCH --signal=USR1@90`). What Lightning leav
   it lands, even mid optimizer step, and exit 1), and turns the stop into `RunInterrupted`, which the run's
   lifecycle records (`status.json` "interrupted" with the step) and the entry point exits with: 128 + signal (143
   SIGTERM, 130 SIGINT), never 0 (`SIGTERMException` is a `SystemExit` without a code, so a plain Lightning run
-  preempted this way exits 0). A SLURM job requeued after it continues from its `last.ckpt` (`resume.requeued`).
+  preempted this way exits 0). A SLURM job requeued after it continues from its `last.ckpt` (`resume.requeued`);
+- a signal that comes after Lightning last looks for one (the last epoch's end, the last validation batch) stops the
+  run all the same (`Interruption.on_fit_end`, the end of `interruptible`): Lightning would go on and exit 0.
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ log = logging.getLogger(__name__)
 
 
 class Interruption(L.Callback):
-    """Writes `last.ckpt` when Lightning stops training on SIGTERM (or SIGINT, see `interruptible`).
+    """Writes `last.ckpt` where training stops: when Lightning stops it on SIGTERM (or SIGINT, see `interruptible`),
+    and at its end.
 
-    At the end of the step during which the signal came (where the rolling checkpoint is written anyway, so a
+    On a signal: at the end of the step during which it came (where the rolling checkpoint is written anyway, so a
     resume from it is exactly a resume from an ordinary `last.ckpt`), or else where Lightning raised the stop.
     Under DDP the processes may see the signal at different steps and saving is collective: at the end of each step
     they agree (one all-reduce of a flag) whether any of them received it, and then all save that step's checkpoint
     together and stop. A stop that Lightning raises elsewhere on one process (in validation, say) keeps the last
     checkpoint on disk there instead of risking a hang.
+    At the end of training, every process writes it again: Lightning writes last.ckpt there only if the process wrote
+    none before, so a run's last.ckpt would be the end of training or an earlier step depending on whether (and
+    where) it was resumed.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -48,6 +54,16 @@ class Interruption(L.Callback):
         elif trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
             self._save(trainer)
             raise SIGTERMException  # every process, at this step: the stop the run records (`interruptible`)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                save_last_checkpoint(callback, trainer, again=True)  # the one at this step preceded its validation
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # came after the loops last looked (the last epoch's end): stop all the same (one process: see _save)
+        if trainer.received_sigterm and trainer.world_size == 1:
+            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and trainer.world_size == 1:
@@ -64,12 +80,12 @@ class Interruption(L.Callback):
                 save_last_checkpoint(callback, trainer)
 
 
-def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
-    """`callback`'s last.ckpt for this step, unless it holds it already: ModelCheckpoint's own save, as its
-    `on_train_end` does it. Lightning has no public call for it; this is the one place that uses its private
+def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer, again: bool = False) -> None:
+    """`callback`'s last.ckpt for this step, unless it holds it already (or `again`): ModelCheckpoint's own save, as
+    its `on_train_end` does it. Lightning has no public call for it; this is the one place that uses its private
     `_last_global_step_saved`, `_monitor_candidates` and `_save_last_checkpoint` (tests/test_run_lifecycle.py
     fails if Lightning changes them)."""
-    if callback._last_global_step_saved != trainer.global_step:
+    if again or callback._last_global_step_saved != trainer.global_step:
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
@@ -91,6 +107,8 @@ def interruptible(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         yield
+        if trainer.received_sigterm and trainer.world_size == 1:  # came during the last validation batch or after
+            raise SIGTERMException
     except SIGTERMException:
         signum = received[0] if received else signal.SIGTERM
         checkpoint = output_dir / LAST_CHECKPOINT

@@ -25,6 +25,11 @@ def _readable_by_others(path: str | Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)  # mkstemp's 0600 and mkdtemp's 0700 would hide results from other users
 
 
+# What a write cut short by a kill leaves beside its target (the target itself is the old version or the new one):
+# `.<name>.<random>.tmp` (a file), `.<name>.staging-<random>` and `.<name>.old-<pid>` (a dir).
+UNFINISHED_WRITES = (".*.tmp", ".*.staging-*", ".*.old-*")
+
+
 def write_dir_atomic(directory: str | Path, write: Callable[[Path], None]) -> None:
     """Fill a directory through a staging dir and renames: `write(staging)` fills it, then it replaces `directory`.
 
@@ -83,6 +88,14 @@ def _named_when_full(path: Path) -> Iterator[None]:
         if full_disk_error(e) is None:
             raise
         raise DiskFull(path) from e
+
+
+def remove_unfinished_writes(directory: str | Path) -> None:
+    """Delete what the writes above left in `directory` when a kill cut them short (`UNFINISHED_WRITES`). Only for a
+    dir that no other process writes into (a run dir its run holds)."""
+    for pattern in UNFINISHED_WRITES:
+        for path in Path(directory).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
