@@ -61,7 +61,8 @@ class Interruption(L.Callback):
                 save_last_checkpoint(callback, trainer, again=True)  # the one at this step preceded its validation
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        # came after the loops last looked (the last epoch's end): stop all the same (one process: see _save)
+        # came after the loops last looked (the last epoch's end): stop all the same (one process: under DDP the
+        # processes may not all have seen it)
         if trainer.received_sigterm and trainer.world_size == 1:
             raise SIGTERMException
 
