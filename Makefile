@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export FLAN_SQUAD_SHARED ?= $(abspath ../shared)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install tracking serving shared lint test test-fast test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu compare-cpu-sweep clean
+.PHONY: install tracking serving shared lint test test-long test-fast test-slurm train bench parity gpu-check gpu-bundle gpu-rehearsal base-cpu compare-cpu compare-cpu-sweep clean
 
 install: $(VENV)/.installed
 
@@ -45,8 +45,14 @@ shared:
 lint: install
 	$(PY) -m ruff check .
 
+# The suite, but for the long end-to-end checks (marker `long`: each a minute or more on 2 cores); CI runs both.
 test: shared install tracking serving
-	$(PY) -m pytest tests -m "not slurm"
+	$(PY) -m pytest tests -m "not slurm and not long"
+
+# The long end-to-end checks: every strategy and optimizer learns through the entry point, one run interrupted 8 times,
+# DDP and FSDP on 2 processes, the sweeps resumed, the bench in miniature (.ci/run runs it after make test).
+test-long: shared install tracking serving
+	$(PY) -m pytest tests -m long
 
 # The inner loop: everything but the tests that train through the entry point or start processes (marker `slow`).
 test-fast: shared install tracking serving

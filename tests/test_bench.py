@@ -17,6 +17,7 @@ from flan_squad.models.base import BaseModel
 from flan_squad.utils.precision import bf16_is_native
 
 
+@pytest.mark.long
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "latest.json"
     bench.main(["--model", "t5_tiny", "--memory-model", "t5_tiny", "--strategies", "full,qlora",

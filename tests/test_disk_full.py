@@ -169,6 +169,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.long
 def test_a_run_stopped_by_a_full_disk_again_and_again_resumes_to_the_uninterrupted_result(disk, tmp_path, cache_dir,
                                                                                          run_entry_point):
     from flan_squad.train import train

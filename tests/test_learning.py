@@ -53,6 +53,7 @@ def untrained(tmp_path_factory, cache_dir) -> dict[str, dict]:
             for dataset in ("planted_v1", "planted_v2")}
 
 
+@pytest.mark.long
 def test_full_fine_tuning_learns_both_task_versions_and_ia3_learns_on_top(tmp_path, cache_dir, untrained,
                                                                           run_entry_point):
     jobs = _multirun(run_entry_point, ["strategy=full", "dataset=planted_v1,planted_v2", "trainer.max_epochs=2"],
@@ -77,6 +78,7 @@ def test_full_fine_tuning_learns_both_task_versions_and_ia3_learns_on_top(tmp_pa
     assert before["HasAns_f1"] >= 50 and ia3["HasAns_f1"] >= 50  # and it keeps answering what it can
 
 
+@pytest.mark.long
 def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
     jobs = _multirun(run_entry_point, ["strategy=lora,qlora", "++strategy.target_modules=all-linear",
                                        "++strategy.dropout=0"], tmp_path, cache_dir)
@@ -91,6 +93,7 @@ def test_lora_and_qlora_learn(tmp_path, cache_dir, untrained, run_entry_point):
             name, f1_per_epoch)
 
 
+@pytest.mark.long
 def test_every_optimizer_learns_and_records_what_its_state_holds(tmp_path, cache_dir, untrained, run_entry_point):
     # conf/optimizer beside the default AdamW (the rest of this file, which validates between epochs): full
     # fine-tuning on planted_v1, one epoch at the learning check's lr (3e-3) for each.
@@ -129,6 +132,7 @@ DECOY_MINI = ["model.prompt=t5",
               "dataset.limit_val=null", "dataset.max_source_length=128"]
 
 
+@pytest.mark.long
 def test_unanswerable_questions_with_a_decoy_fact_are_learned(tmp_path, cache_dir, run_entry_point):
     # Each context holds one code; in a third of the questions it is of another kind than the one asked for, so
     # the model must read the kind. With FLAN's format (instruction, context, question; "unanswerable") a model

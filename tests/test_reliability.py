@@ -42,6 +42,7 @@ LEARNS = ["experiment=learning_check", "strategy=full", "strategy.lr=1e-2", "dat
           "model.architecture.dropout_rate=0.1", "callbacks.last_checkpoint.every_n_train_steps=4"]
 
 
+@pytest.mark.long
 def test_killed_mid_epoch_run_resumes_to_the_uninterrupted_weights_and_answers(tmp_path, cache_dir, run_entry_point):
     run_dir = tmp_path / "killed"
     args = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
@@ -344,6 +345,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.long
 def test_a_run_interrupted_anywhere_any_number_of_times_ends_as_the_uninterrupted_run(tmp_path, cache_dir, one_thread,
                                                                                       run_entry_point, monkeypatch):
     import random

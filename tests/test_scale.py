@@ -42,6 +42,7 @@ def ddp_run(tmp_path_factory, cache_dir):
     return run_dir, result
 
 
+@pytest.mark.long
 def test_ddp_scores_every_question_once_and_matches_one_process(ddp_run, tmp_path, cache_dir):
     run_dir, result = ddp_run
     assert [p.name for p in run_dir.parent.iterdir()] == ["run"]  # the second process wrote into the same run dir
@@ -62,6 +63,7 @@ def test_ddp_scores_every_question_once_and_matches_one_process(ddp_run, tmp_pat
     assert single["best_f1"] == metrics["best_f1"]
 
 
+@pytest.mark.long
 def test_ddp_stopped_by_sigterm_checkpoints_the_step_on_every_process_and_resumes_to_the_same_run(ddp_run, tmp_path,
                                                                                                     cache_dir):
     # SIGTERM to rank 0 alone as step 5 starts (epoch 2): Lightning passes it on to the other process.
@@ -113,6 +115,7 @@ def _fsdp_run(run_dir, cache_dir, *overrides: str) -> dict:
     return metrics
 
 
+@pytest.mark.long
 def test_fsdp_clips_gradients_and_saves_the_whole_model(tmp_path, cache_dir, tiny_base):
     # Clipping at 1.0 (the default) is what raised at the first step; the model saved from sharded weights must be the
     # whole trained model (not the weights it started from), and metrics.json count all of it, not one process's shard.
@@ -128,6 +131,7 @@ def test_fsdp_clips_gradients_and_saves_the_whole_model(tmp_path, cache_dir, tin
     assert metrics["total_params"] == metrics["trainable_params"] == whole
 
 
+@pytest.mark.long
 def test_fsdp_lora_keeps_its_trained_adapters_and_ranks_generate_in_step(tmp_path, cache_dir, tiny_base):
     # LoRA's checkpoints keep the trainable parameters only: found by their names, which under FSDP carry its
     # wrappers' prefix while the checkpoint's keys do not (every adapter was dropped: validation and model/ then used

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from flan_squad.utils.config import PROJECT_ROOT
@@ -18,6 +19,7 @@ def _checkpoint_step(run_dir) -> int:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
+@pytest.mark.long
 def test_sigterm_saves_a_checkpoint_says_interrupted_exits_143_and_resumes(tmp_path, cache_dir, run_entry_point):
     run_dir, marker = tmp_path / "run", tmp_path / "step"
     # A rolling checkpoint every 4 steps: the one at the signal's step is the interruption's own.
@@ -52,6 +54,7 @@ def test_sigterm_saves_a_checkpoint_says_interrupted_exits_143_and_resumes(tmp_p
 def test_sigint_stops_a_sweep_job_at_a_step_with_130_and_the_sweep_with_it(tmp_path, cache_dir, run_entry_point):
     # In this process: the callback sends SIGINT (Ctrl-C) to it as step 3 starts; the sweep's second job never runs.
     sweep = tmp_path / "sweep"
+    before = signal.getsignal(signal.SIGINT)
     args = [f"paths.cache_dir={cache_dir}", "callbacks.last_checkpoint.every_n_train_steps=100"]
     ctrl_c = ["+callbacks.sigint._target_=fault_injection.SignalAtStep",
               f"+callbacks.sigint.signum={int(signal.SIGINT)}", "+callbacks.sigint.step=3"]
@@ -62,7 +65,7 @@ def test_sigint_stops_a_sweep_job_at_a_step_with_130_and_the_sweep_with_it(tmp_p
     status = json.loads((sweep / "0" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["signal"] == "SIGINT" and status["step"] == 4
     assert status["job_num"] == 0 and _checkpoint_step(sweep / "0") == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C does what it did before the run
 
     resumed = run_entry_point("flan_squad.train", RUN + args + ctrl_c + ["strategy.lr=1e-3",
                                                                          f"hydra.run.dir={sweep / '0'}", "resume=true"])

@@ -106,6 +106,7 @@ def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tm
     assert table.count("| squad_v2 | lora rank=0 |") == 2  # failed before that: the strategy's overrides
 
 
+@pytest.mark.long
 def test_a_sweep_run_again_with_resume_keeps_finished_jobs_reruns_failed_ones_and_continues_the_rest(
         tmp_path, cache_dir, run_entry_point):
     sweep = tmp_path / "sweep"
@@ -162,6 +163,7 @@ def test_optuna_sweeper_runs_trials_and_keeps_the_best(tmp_path, run_entry_point
     assert "best_params" in best and "strategy.rank" in best
 
 
+@pytest.mark.long
 def test_a_killed_optuna_search_run_again_continues_with_its_trials(tmp_path, cache_dir, run_entry_point):
     sweep = tmp_path / "optuna"
     # 3 trials of 4 steps; Ctrl-C at trial 1's step 2 ends the sweep while trial 1 is running
