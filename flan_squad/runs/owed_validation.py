@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from flan_squad.runs.signals import save_last_checkpoint
+from flan_squad.runs.signals import save_last_checkpoints
 from flan_squad.utils.rng import forked_rng
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ class OwedValidation(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._validation_to_come(trainer):  # the epoch's last step: a checkpoint to resume from before validating
-            for callback in trainer.checkpoint_callbacks:
-                if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                    save_last_checkpoint(callback, trainer)
+            save_last_checkpoints(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[OWED] = ({"epoch": trainer.current_epoch, "step": trainer.global_step}

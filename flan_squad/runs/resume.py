@@ -77,9 +77,7 @@ def checkpoint_to_resume(output_dir: Path, ckpt_path: str | None, overwrite: boo
 def can_resume(output_dir: Path) -> bool:
     """Whether `resume=true` would continue the run in `output_dir` (`checkpoint_to_resume`): it has not finished
     (no metrics.json) and left its last.ckpt, or at least its config.yaml (then it starts again)."""
-    output_dir = Path(output_dir)
-    return not (output_dir / "metrics.json").exists() and any(
-        (output_dir / name).is_file() for name in (LAST_CHECKPOINT, CONFIG_FILE))
+    return sweep_job_state(output_dir) in ("failed", "interrupted")
 
 
 def sweep_job_state(output_dir: Path) -> str:

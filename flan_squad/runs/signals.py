@@ -50,15 +50,13 @@ class Interruption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.world_size == 1:
             if trainer.received_sigterm:
-                self._save(trainer)
+                save_last_checkpoints(trainer)
         elif trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
-            self._save(trainer)
+            save_last_checkpoints(trainer)
             raise SIGTERMException  # every process, at this step: the stop the run records (`interruptible`)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                save_last_checkpoint(callback, trainer, again=True)  # the one at this step preceded its validation
+        save_last_checkpoints(trainer, again=True)  # the one at this step preceded its validation
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # came after the loops last looked (the last epoch's end): stop all the same (one process: under DDP the
@@ -68,17 +66,19 @@ class Interruption(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and trainer.world_size == 1:
-            self._save(trainer)
+            save_last_checkpoints(trainer)
             # Lightning's requeue handler saved hpc_ckpt_<n>.ckpt from inside the signal handler (mid-step, maybe)
             # and would restore it over any later run in this dir under SLURM: last.ckpt supersedes it.
             for stale in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
                 stale.unlink()
 
-    @staticmethod
-    def _save(trainer: L.Trainer) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                save_last_checkpoint(callback, trainer)
+
+
+def save_last_checkpoints(trainer: L.Trainer, again: bool = False) -> None:
+    """Each checkpoint callback that keeps a `last.ckpt` writes it for this step (`save_last_checkpoint`)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            save_last_checkpoint(callback, trainer, again)
 
 
 def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer, again: bool = False) -> None:
