@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     from benchmarks.bench import machine
+    from flan_squad.utils.files import write_json_atomic
 
     results = {"note": "random-init weights: cost only, never accuracy", "machine": machine("cpu"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "markdown")}, "runs": []}
@@ -134,12 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
                     if "error" not in record:
                         record["arithmetic"] = arithmetic(model, strategy)
                     results["runs"].append(record)
+                    write_json_atomic(Path(args.out), results)  # each configuration takes minutes: keep what is done
                     print(f"  {model} {strategy} gc={checkpointing}: " + (record.get("error") or (
                         f"{record['train_examples_per_s']:.2f} ex/s, own peak {record['own_peak_memory_mb']:.0f} MB "
                         f"({record['wall_s']:.0f} s)")), file=sys.stderr, flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    from flan_squad.utils.files import write_json_atomic
-
     write_json_atomic(Path(args.out), results)
     text = table(results)
     if args.markdown:
