@@ -115,7 +115,7 @@ def eval_run(spec: Spec, repeats: int, model_dir: str | Path | None = None,
 
         # The baseline's inputs: the project's prompts for the same (seeded) questions, truncated, no windows.
         dm = instantiate(cfg.dataset, tokenizer=tokenizer, eval_stride=None, val_split=cfg.split,
-                         prompt=project_model.base.prompt)
+                         **project_model.base.question_format)
         dm.setup("validate")
         enc = dm.encoded_val
         features = [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y}

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose("train", [f"dataset={args.dataset}", f"dataset.limit_train={args.questions}",
                                                         f"dataset.max_source_length={args.max_source_length}",
                                                         "model.tokenizer=${paths.tokenizer_dir}"])
-    tokenizer = instantiate(cfg.model, _convert_="all").load_tokenizer()
-    datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, seed=cfg.seed, limit_val=1, prompt=cfg.model.prompt)
+    base = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.dataset, tokenizer=base.load_tokenizer(), seed=cfg.seed, limit_val=1,
+                             **base.question_format)
     datamodule.setup("fit")
     lengths = [len(ids) for ids in datamodule.encoded_train.input_ids]
     size = args.batch_size

@@ -15,7 +15,8 @@ FLAN-T5's vocabulary): the numbers say how well each pipeline learns, never how 
   2,000 training and 200 dev questions, seeded.
 - `project`: `python -m flan_squad.train model=t5_tiny strategy=full dataset=squad_v2` on those files, fp32, from
   t5_tiny's own random init (FLAN-T5's untied lm_head, std d_model**-0.5) in its default format (`model.prompt=t5`;
-  `--project-model-prompt flan`: FLAN's, the default before the parity fix).
+  `--project-model-prompt flan`: FLAN's). Its ablations are options of the entry point (`model.no_answer`,
+  `dataset.group_batches`), so an ablated run is a run a user can make.
 - `peer`: `Seq2SeqTrainer` as transformers' `examples/pytorch/question-answering/run_seq2seq_qa.py` sets it up:
   "question: ... context: ..." inputs, the first answer or "" as the target, `DataCollatorForSeq2Seq` (dynamic
   padding), the Trainer's random sampler and default AdamW, linear schedule with 10% warm-up, greedy decoding, on
@@ -48,6 +49,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = {"d_model": 128, "d_kv": 32, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4, "d_ff": 384,
                 "dropout_rate": 0.0}
 SIDES = ("project", "peer")
+# The ablation switches of each side, at their defaults; a row's label names the ones set otherwise.
+PROJECT_DEFAULTS = {"model_prompt": "t5", "project_target": "format", "project_group_batches": 50,
+                    "project_init": "checkpoint"}
+PEER_DEFAULTS = {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random", "peer_init": "config"}
+# How the project's switches read as flan_squad.train overrides, in labels
+PROJECT_OVERRIDES = {"model_prompt": "model.prompt", "project_target": "model.no_answer",
+                     "project_group_batches": "dataset.group_batches", "project_init": "init"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,25 +76,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # ablation switches, one difference at a time
     p.add_argument("--project-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for the project side (repeatable), e.g. dataset.sampler=grouped")
-    p.add_argument("--project-group-batches", type=int, default=None,
-                   help="ablation: batches per length-sorted group in the project's sampler (1: random batches)")
-    p.add_argument("--project-model-prompt", choices=("t5", "flan"), default="t5",
-                   help="the project's model.prompt: t5 (t5_tiny's default since the parity fix) or flan (before it)")
-    p.add_argument("--project-target", choices=("format", "empty", "unanswerable"), default="format",
-                   help="ablation: the project's target for an unanswerable question, whatever model.prompt's own is "
-                        "(format: its own; empty: the peer's; unanswerable: FLAN's), e.g. FLAN's template with the "
+    p.add_argument("--project-group-batches", type=int, default=PROJECT_DEFAULTS["project_group_batches"],
+                   help="ablation: the project's dataset.group_batches, batches per length-sorted group of its "
+                        "training order (1: random batches)")
+    p.add_argument("--project-model-prompt", choices=("t5", "flan"), default=PROJECT_DEFAULTS["model_prompt"],
+                   help="the project's model.prompt: t5 (t5_tiny's default) or flan (FLAN-T5's)")
+    p.add_argument("--project-target", choices=("format", "empty", "unanswerable"),
+                   default=PROJECT_DEFAULTS["project_target"],
+                   help="ablation: the project's model.no_answer, its target for an unanswerable question (format: "
+                        "model.prompt's own; empty: the peer's; unanswerable: FLAN's), e.g. FLAN's template with the "
                         "empty target: --project-model-prompt flan --project-target empty")
-    p.add_argument("--peer-target", choices=("empty", "unanswerable"), default="empty",
+    p.add_argument("--peer-target", choices=("empty", "unanswerable"), default=PEER_DEFAULTS["peer_target"],
                    help="the peer's target for an unanswerable question")
-    p.add_argument("--peer-prompt", choices=("qa", "project"), default="qa",
+    p.add_argument("--peer-prompt", choices=("qa", "project"), default=PEER_DEFAULTS["peer_prompt"],
                    help="qa: 'question: ... context: ...'; "
                         "project: the project's flan format (flan_squad.data.encoding.encode)")
-    p.add_argument("--peer-sampler", choices=("random", "grouped"), default="random",
+    p.add_argument("--peer-sampler", choices=("random", "grouped"), default=PEER_DEFAULTS["peer_sampler"],
                    help="grouped: the project's LengthGroupedSampler instead of the Trainer's random sampler")
-    p.add_argument("--peer-init", choices=("checkpoint", "config"), default="config",
+    p.add_argument("--peer-init", choices=("checkpoint", "config"), default=PEER_DEFAULTS["peer_init"],
                    help="checkpoint: the project's random checkpoint for the init seed (untied lm_head, std "
                         "d_model**-0.5); config: T5ForConditionalGeneration(T5Config(...)), as a user builds it")
-    p.add_argument("--project-init", choices=("checkpoint", "config"), default="checkpoint",
+    p.add_argument("--project-init", choices=("checkpoint", "config"), default=PROJECT_DEFAULTS["project_init"],
                    help="config: the project trains from the --peer-init config model, saved as a pretrained dir")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each with its own process, one thread)")
     p.add_argument("--fresh", action="store_true", help="rerun even when a run's JSON is already in --runs-dir")
@@ -149,16 +159,14 @@ def run_project(spec: dict) -> dict:
     """`python -m flan_squad.train` itself, as a user runs it; its metrics.json."""
     with tempfile.TemporaryDirectory(prefix="parity-") as out:
         argv = [*_base_overrides(spec), "logger=csv", f"hydra.run.dir={out}", *spec["project_set"],
-                f"model.prompt={spec.get('model_prompt', 'flan')}"]
-        if spec.get("project_init") == "config":  # the peer's tied model, loaded as a pretrained checkpoint
+                f"model.prompt={spec['model_prompt']}", f"model.no_answer={spec['project_target']}",
+                f"dataset.group_batches={spec['project_group_batches']}"]
+        if spec["project_init"] == "config":  # the peer's tied model, loaded as a pretrained checkpoint
             config_built_model(spec["init_seed"]).save_pretrained(Path(out) / "init")
             argv += ["model.init=pretrained", f"model.name_or_path={out}/init"]
         start = time.perf_counter()
-        entry = ["-m", "flan_squad.train"]
-        patches = {k: spec[k] for k in ("project_group_batches", "project_target") if k in spec}
-        if patches:  # ablation: the same entry point with one part swapped (see _as_train)
-            entry = ["-m", "benchmarks.parity", "--as-train", json.dumps(patches)]
-        proc = subprocess.run([sys.executable, *entry, *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-m", "flan_squad.train", *argv], cwd=ROOT, capture_output=True,
+                              text=True, check=False)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"flan_squad.train {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
@@ -202,7 +210,7 @@ def run_peer(spec: dict) -> dict:
 
     train_features, dev_features = features(train_q), features(dev_q)
     torch.manual_seed(spec["seed"])
-    model = config_built_model(spec["init_seed"]) if spec.get("peer_init") == "config" else base.load()
+    model = config_built_model(spec["init_seed"]) if spec["peer_init"] == "config" else base.load()
     with tempfile.TemporaryDirectory(prefix="parity-peer-") as out:
         args = Seq2SeqTrainingArguments(
             output_dir=out, per_device_train_batch_size=spec["batch_size"], per_device_eval_batch_size=50,
@@ -258,55 +266,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _as_train(patches: dict, argv: list[str]) -> None:
-    """`python -m flan_squad.train ARGV` with one part swapped, for an ablation only: the length-grouped sampler's
-    group size (`project_group_batches`), the training target of unanswerable questions whatever model.prompt's
-    own is (`project_target`: "empty", the peer's, or "unanswerable", FLAN's; either decodes to "no answer")."""
-    import runpy
-
-    from flan_squad.data import datamodule as data
-    from flan_squad.data import encoding
-    from flan_squad.data.prompts import UNANSWERABLE
-
-    if "project_group_batches" in patches:
-        init = data.LengthGroupedSampler.__init__
-        data.LengthGroupedSampler.__init__ = lambda self, lengths, batch_size, seed=0, group_batches=50: init(
-            self, lengths, batch_size, seed, patches["project_group_batches"])
-    if "project_target" in patches:
-        target = "" if patches["project_target"] == "empty" else UNANSWERABLE  # tokenizer("") is just </s>
-        encoding.no_answer_target = lambda prompt: target
-    sys.argv = ["flan_squad.train", *argv]
-    runpy.run_module("flan_squad.train", run_name="__main__")
-
-
 def _variant(args, side: str) -> dict:
+    """The switches a side's runs depend on: with the seed, what names a kept run."""
     if side == "project":
-        variant = {"project_set": sorted(args.project_set)}
-        if args.project_model_prompt != "flan":  # runs kept from before model.prompt existed were in flan's format
-            variant["model_prompt"] = args.project_model_prompt
-        if args.project_group_batches is not None:
-            variant["project_group_batches"] = args.project_group_batches
-        if args.project_target != "format":
-            variant["project_target"] = args.project_target
-        if args.project_init != "checkpoint":  # only when set, so that runs kept from before stay valid
-            variant["project_init"] = args.project_init
-        return variant
-    variant = {"peer_target": args.peer_target, "peer_prompt": args.peer_prompt, "peer_sampler": args.peer_sampler}
-    return {**variant, "peer_init": args.peer_init} if args.peer_init != "checkpoint" else variant  # keys as before
+        return {"project_set": sorted(args.project_set), "model_prompt": args.project_model_prompt,
+                "project_group_batches": args.project_group_batches, "project_target": args.project_target,
+                "project_init": args.project_init}
+    return {"peer_target": args.peer_target, "peer_prompt": args.peer_prompt, "peer_sampler": args.peer_sampler,
+            "peer_init": args.peer_init}
 
 
 def _label(side: str, variant: dict, init: str) -> str:
+    """The table's name for a row: the entry point and each switch away from its default."""
     if side == "project":
-        extra = " ".join(variant["project_set"] + ([f"group_batches={variant['project_group_batches']}"]
-                                                    if "project_group_batches" in variant else [])
-                         + [f"{k.removeprefix('project_')}={variant[k]}" for k in ("project_target",)
-                            if k in variant]
-                         + [f"model.prompt={variant.get('model_prompt', 'flan')}"]
-                         + ([f"init={variant['project_init']}"] if "project_init" in variant else []))
+        switches = variant["project_set"] + [f"{PROJECT_OVERRIDES[k]}={v}" for k, v in variant.items()
+                                             if k in PROJECT_DEFAULTS and v != PROJECT_DEFAULTS[k]]
     else:
-        defaults = {"peer_target": "empty", "peer_prompt": "qa", "peer_sampler": "random", "peer_init": "config"}
-        extra = " ".join([f"{k.removeprefix('peer_')}={v}" for k, v in variant.items() if v != defaults[k]]
-                         + ([] if "peer_init" in variant else ["init=checkpoint"]))
+        switches = [f"{k.removeprefix('peer_')}={v}" for k, v in variant.items() if v != PEER_DEFAULTS[k]]
+    extra = " ".join(switches)
     name = "flan_squad.train" if side == "project" else "Seq2SeqTrainer"
     return f"{name}{' ' + extra if extra else ''}{' (init 0 for all seeds)' if init == 'shared' else ''}"
 
@@ -362,7 +339,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--as-train"]:
-        _as_train(json.loads(sys.argv[2]), sys.argv[3:])
-    else:
-        main()
+    main()

@@ -92,7 +92,8 @@ class _Setup:
         self.cfg = cfg = compose_config(spec, output_dir)
         parts = build_parts(cfg)
         self.base, self.strategy, self.tokenizer = parts.base, parts.strategy, parts.tokenizer
-        self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed, prompt=self.base.prompt)
+        self.datamodule = instantiate(cfg.dataset, tokenizer=self.tokenizer, seed=cfg.seed,
+                                      **self.base.question_format)
         self.device = torch.device(spec.device)
 
 

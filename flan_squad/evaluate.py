@@ -64,7 +64,7 @@ def validate(cfg: DictConfig, restored: Restored | None = None, progress_bar: bo
     before = peak.current_mb()
     restored = restored or restore(cfg, device)
     datamodule = instantiate(cfg.dataset, tokenizer=restored.tokenizer, val_split=cfg.split,
-                             prompt=restored.base.prompt)
+                             **restored.base.question_format)
     if restored.version != datamodule.version:
         log.warning("%s was trained on SQuAD %s prompts; evaluating with %s (dataset=%s)",
                     restored.source, restored.version, datamodule.version, datamodule.name)

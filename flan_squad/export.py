@@ -48,6 +48,7 @@ def _export(run_dir: Path, output_dir: Path) -> Path:
             "approach": strategy.describe(),
             "squad_version": cfg.dataset.version,  # the prompt it was trained with: predict dataset=squad_<v>
             "prompt": base.prompt,  # ... in this format: model.prompt=<it> when loading it as model.name_or_path
+            "no_answer": base.no_answer,  # ... and model.no_answer=<it>
             "note": strategy.export_note,  # null: it computes what the run scored
         })
         if metrics:

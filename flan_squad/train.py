@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         parts = build_parts(cfg)
         base, strategy, tokenizer = parts.base, parts.strategy, parts.tokenizer
         base.weights_path()  # random-init weights are built now, before DDP starts (transformers saves on rank 0 only)
-        datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, prompt=base.prompt)
+        datamodule = instantiate(cfg.dataset, tokenizer=tokenizer, **base.question_format)
         module = instantiate(cfg.module)(base=base, strategy=strategy, tokenizer=tokenizer, version=datamodule.version,
                                          optimizer=instantiate(cfg.optimizer))
         cost = CostMonitor()

@@ -208,3 +208,24 @@ def test_hub_offline_fails_fast_with_advice():
 
     with pytest.raises(DataError, match="dataset.train_file=.*dataset.validation_file="):
         read_hub("rajpurkar/squad", None, "validation", None)
+
+
+@pytest.mark.parametrize("prompt, no_answer, target", [
+    ("flan", "format", UNANSWERABLE), ("t5", "format", ""), ("t5", "unanswerable", UNANSWERABLE),
+    ("flan", "empty", ""), ("flan", "unanswerable", UNANSWERABLE), ("t5", "empty", "")])
+def test_the_no_answer_target_is_the_formats_own_unless_model_no_answer_names_one(tokenizer, prompt, no_answer,
+                                                                                   target):
+    questions = [Question("a", "Q?", "Some context.", ()), Question("b", "Q?", "Some context.", ("Some",), (0,))]
+    encoded = encode(questions, tokenizer, "v2", 64, 8, prompt=prompt, no_answer=no_answer)
+    assert encoded.labels[0] == tokenizer(target).input_ids  # "" is </s> alone
+    assert tokenizer.decode(encoded.labels[1], skip_special_tokens=True) == "Some"
+    # the input is the prompt format's whatever the target
+    assert encoded.input_ids == encode(questions, tokenizer, "v2", 64, 8, prompt=prompt).input_ids
+
+
+def test_an_unknown_no_answer_is_refused_naming_the_option():
+    from flan_squad.models.base import BaseModel
+    from flan_squad.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.no_answer='none': expected one of format, empty, unanswerable"):
+        BaseModel(name="x", name_or_path="y", no_answer="none")

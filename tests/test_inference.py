@@ -192,3 +192,37 @@ def test_validation_metric_scores_as_the_window_answers_would(tokenizer):
     assert result.scores == score("v2", questions, expected.predictions, expected.na_probs)
     assert result.answers.predictions[questions[0].id] == questions[0].answers[0]  # its better window
     assert result.answers.predictions[questions[1].id] == ""  # "unanswerable" is no answer
+
+
+def test_model_no_answer_is_the_target_of_training_validation_and_answering(tmp_path, cache_dir, tokenizer):
+    # model.no_answer=unanswerable under the t5 format (whose own no-answer answer is the empty one): training learns
+    # "unanswerable", and validation and answer_questions (evaluate, predict, serve) score P("unanswerable").
+    from conftest import compose_config
+    from flan_squad.evaluate import validate
+    from flan_squad.evaluation.inference import answer_questions
+
+    cfg = compose_config(["model=t5_tiny", "model.no_answer=unanswerable", "dataset=squad_v2", "dataset.limit_val=6",
+                          "dataset.limit_train=40", "eval.max_new_tokens=2", "trainer.precision=32-true"],
+                         config_name="evaluate", output_dir=tmp_path, cache=cache_dir)
+    passed = validate(cfg, progress_bar=False)
+    base, dm, model = passed.restored.base, passed.datamodule, passed.restored.model
+    assert base.question_format == {"prompt": "t5", "no_answer": "unanswerable"}
+    dm.setup("fit")
+    unanswerable = [labels for q, labels in zip(dm.train_questions, dm.encoded_train.labels) if not q.answers]
+    assert unanswerable and all(labels == tokenizer(UNANSWERABLE).input_ids for labels in unanswerable)
+
+    # validation: each window's log P(no answer) is log P("unanswerable") by a teacher-forced forward pass
+    enc = dm.encoded_val
+    target = torch.tensor([tokenizer(UNANSWERABLE).input_ids])
+    with torch.no_grad():
+        for i, (qid, window) in enumerate(zip(enc.ids, enc.windows)):
+            logits = model(input_ids=torch.tensor([enc.input_ids[i]]), labels=target).logits
+            expected = logits.log_softmax(-1).gather(-1, target[..., None]).sum().item()
+            assert passed.module.windows[qid, window].na_logprob == pytest.approx(expected, abs=1e-4)
+    # answering outside Lightning gives validation's no-answer probabilities, and the format's own target others
+    answered = answer_questions(model, tokenizer, dm.val_questions, "v2", dm.max_source_length, dm.eval_stride,
+                                max_new_tokens=2, **base.question_format)
+    assert answered.na_probs == pytest.approx(passed.module.na_probs, abs=1e-5)
+    own = answer_questions(model, tokenizer, dm.val_questions, "v2", dm.max_source_length, dm.eval_stride,
+                           max_new_tokens=2, prompt="t5")
+    assert all(abs(own.na_probs[q] - answered.na_probs[q]) > 1e-3 for q in own.na_probs)

@@ -95,3 +95,22 @@ def test_ddp_processes_take_the_order_in_turn(tokenizer):
         assert isinstance(loader.sampler, DistributedSampler)  # Lightning wraps only a sampler that is not one
         _set_sampler_epoch(loader, 0)
         assert [b["ids"][0] for b in loader] == one_process[rank::2]
+
+
+def test_dataset_group_batches_sets_the_training_orders_groups(tokenizer):
+    # dataset.group_batches=1: each batch is a run of the shuffled order (random batches); the default groups 50
+    # batches' worth of questions by length, so its batches carry less padding.
+    def batches(group_batches: int) -> list[list[int]]:
+        dm = SquadDataModule(tokenizer, "squad_v1", "v1", None, train_file=str(DEV_V1), validation_file=str(DEV_V1),
+                             limit_train=800, limit_val=1, batch_size=8, seed=3, group_batches=group_batches)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert loader.sampler.group_batches == group_batches
+        lengths = [len(x) for x in dm.encoded_train.input_ids]
+        return lengths, loader.sampler.batches()
+
+    lengths, grouped = batches(50)
+    _, random_batches = batches(1)
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert sorted(i for b in random_batches for i in b) == list(range(800))
+    assert padding(grouped) < 0.5 * padding(random_batches)

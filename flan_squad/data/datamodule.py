@@ -69,6 +69,8 @@ class SquadDataModule(L.LightningDataModule):
         eval_stride: int | None = None,
         val_split: str = "validation",
         prompt: str = "flan",
+        no_answer: str = "format",
+        group_batches: int = 50,
         columns: dict | None = None,
         hub_config: str | None = None,
     ):
@@ -78,7 +80,8 @@ class SquadDataModule(L.LightningDataModule):
         if prompt not in PROMPTS:
             raise ConfigError(f"model.prompt={prompt!r}: expected one of {', '.join(PROMPTS)}")
         for option, value in [("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                              ("max_source_length", max_source_length), ("max_target_length", max_target_length)]:
+                              ("max_source_length", max_source_length), ("max_target_length", max_target_length),
+                              ("group_batches", group_batches)]:
             if value is None or value <= 0:
                 raise ConfigError(f"dataset.{option}={value}: must be a positive whole number")
         if eval_stride is not None and not eval_stride >= 1:
@@ -98,7 +101,8 @@ class SquadDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.eval_stride = eval_stride  # validation splits long contexts into windows (None: truncates)
         self.val_split = val_split  # the hub split validated on when validation_file is None
-        self.prompt = prompt  # the model's format (model.prompt), given by the entry point
+        self.prompt, self.no_answer = prompt, no_answer  # the model's format (model.prompt, model.no_answer)
+        self.group_batches = group_batches  # batches per length-sorted group of the training order (1: random)
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.stats: dict[str, int] = {}
@@ -135,7 +139,7 @@ class SquadDataModule(L.LightningDataModule):
 
     def _encode(self, questions: list[Question], source: str, prefix: str, stride: int | None = None) -> Encoded:
         encoded = encode(questions, self.tokenizer, self.version, self.max_source_length,
-                         self.max_target_length, source, stride, self.prompt)
+                         self.max_target_length, source, stride, self.prompt, self.no_answer)
         s = encoded.stats
         log.info("%s: %d questions, %d contexts truncated to %d tokens (%d lost their gold answer), "
                  "%d split into windows (%d inputs)", source, s.examples, s.truncated, self.max_source_length,
@@ -172,7 +176,7 @@ class SquadDataModule(L.LightningDataModule):
         # Batches grouped by length, padded per batch: the same examples once per epoch as a random
         # sampler, without the ~1.6x padding that random batches of 8 SQuAD prompts carry.
         lengths = [len(ids) for ids in self._train.input_ids]
-        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, self.group_batches)
         ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         if ranks:
             # Several processes take the order's indices in turn (Lightning's own wrapper would shuffle them first):

@@ -59,8 +59,10 @@ def encode(
     source: str = "",
     stride: int | None = None,
     prompt: str = "flan",
+    no_answer: str = "format",
 ) -> Encoded:
-    """Tokenize prompts (in the `prompt` format) and targets; `source` names the data in errors.
+    """Tokenize prompts (in the `prompt` format) and targets (`no_answer`: model.no_answer); `source` names the data in
+    errors.
 
     A context too long for `max_source_length` is truncated (stride=None, for training), or split into
     overlapping windows that share `stride` tokens (at most half a window), one model input per window
@@ -72,7 +74,8 @@ def encode(
     before, after = zip(*(around_context(prompt, version, q.question) for q in questions))
     pieces = list(dict.fromkeys(before + after))  # FLAN's instruction is in every prompt: tokenize it once
     piece_ids = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False).input_ids))
-    targets = [(q.answers[0] if q.answers else no_answer_target(prompt)) for q in questions]
+    unanswerable = no_answer_target(prompt, no_answer)
+    targets = [(q.answers[0] if q.answers else unanswerable) for q in questions]
     labels = tokenizer(targets, max_length=max_target_length, truncation=True).input_ids
 
     out = Encoded(ids=[], input_ids=[], labels=[], stats=EncodeStats(examples=len(questions)))

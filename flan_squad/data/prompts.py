@@ -6,13 +6,15 @@ Two formats (`model.prompt`), each an input template and the answer taught for a
 - `t5`: T5's SQuAD format (`question: ... context: ...`, as transformers' `run_seq2seq_qa.py` poses it); the model
   answers nothing (it ends at once) when the context does not say. Models trained here from random weights learn
   unanswerable questions far better this way (README, "Learning parity").
-Either way the answer for "no answer" becomes "" in a predictions file.
+Either way the answer for "no answer" becomes "" in a predictions file. `model.no_answer` can teach the other
+format's no-answer answer instead (an ablation: which part of a format helps a model learn unanswerable questions).
 """
 
 from __future__ import annotations
 
 UNANSWERABLE = "unanswerable"
 PROMPTS = ("flan", "t5")
+NO_ANSWERS = ("format", "empty", "unanswerable")  # model.no_answer: the format's own, or either one whatever the format
 VERSIONS = ("v1", "v2")
 
 # FLAN's own SQuAD templates (the v2 one tells the model how to decline).
@@ -29,9 +31,12 @@ def around_context(prompt: str, version: str, question: str) -> tuple[str, str]:
     return INSTRUCTIONS[version], question
 
 
-def no_answer_target(prompt: str) -> str:
-    """What the model is taught to answer when the context does not say ("": end of sequence at once)."""
-    return "" if prompt == "t5" else UNANSWERABLE
+def no_answer_target(prompt: str, no_answer: str = "format") -> str:
+    """What the model is taught to answer when the context does not say ("": end of sequence at once): the `prompt`
+    format's own, unless `no_answer` (model.no_answer) names one."""
+    if no_answer == "format":
+        return "" if prompt == "t5" else UNANSWERABLE
+    return "" if no_answer == "empty" else UNANSWERABLE
 
 
 def answer_to_prediction(generated: str) -> str:

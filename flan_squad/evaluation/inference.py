@@ -235,12 +235,14 @@ def collect_answers(questions: Sequence[Question], windows: Mapping[tuple[str, i
 def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question], version: str,
                      max_source_length: int = 512, stride: int | None = 128, batch_size: int = 16,
                      max_new_tokens: int = 32, snap: bool = True, progress: Iterable | None = None,
-                     prompt: str = "flan", num_beams: int = 1) -> Answers:
+                     prompt: str = "flan", num_beams: int = 1, no_answer: str = "format") -> Answers:
     """Answer plain questions outside Lightning (predict, export checks): the same windows, decoding (`num_beams`)
-    and choices as validation, in the `prompt` format the model was trained with. Batches are sorted by input length
-    (longest first); answers come back in question order."""
-    encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride, prompt=prompt)
+    and choices as validation, in the `prompt` format (and `no_answer`) the model was trained with. Batches are sorted
+    by input length (longest first); answers come back in question order."""
+    encoded = encode(questions, tokenizer, version, max_source_length, 1, stride=stride, prompt=prompt,
+                     no_answer=no_answer)
     order = sorted(range(len(encoded.ids)), key=lambda i: -len(encoded.input_ids[i]))
+    unanswerable = no_answer_target(prompt, no_answer) if version == "v2" else None
     device = next(model.parameters()).device
     windows: dict[tuple[str, int], WindowAnswer] = {}
     model.eval()
@@ -250,8 +252,7 @@ def answer_questions(model: nn.Module, tokenizer, questions: Sequence[Question],
         batch = collate([{"id": encoded.ids[i], "input_ids": encoded.input_ids[i], "labels": [0]} for i in rows],
                         tokenizer.pad_token_id)
         answers = answer_windows(model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 max_new_tokens, no_answer=no_answer_target(prompt) if version == "v2" else None,
-                                 num_beams=num_beams)
+                                 max_new_tokens, no_answer=unanswerable, num_beams=num_beams)
         for i, answer in zip(rows, answers):
             windows[encoded.ids[i], encoded.windows[i]] = answer
     result = collect_answers(questions, windows, snap, spellable_by(tokenizer))

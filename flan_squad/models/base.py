@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flan_squad.data.prompts import PROMPTS
+from flan_squad.data.prompts import NO_ANSWERS, PROMPTS
 from flan_squad.utils.errors import ConfigError, FlanSquadError, first_line
 from flan_squad.utils.files import write_dir_atomic
 
@@ -65,8 +65,9 @@ class BaseModel:
 
     `prompt` is the format the model reads questions in and answers "no answer" in (`flan_squad.data.prompts`):
     `flan` for FLAN-T5 (what it was instruction-tuned on), `t5` for models trained here from random weights
-    (conf/model/t5_tiny.yaml: they learn unanswerable questions better with it, docs/learning.md). A run
-    dir's model is asked in the format it was trained with (its config.yaml; runs from before the option: flan).
+    (conf/model/t5_tiny.yaml: they learn unanswerable questions better with it, docs/learning.md); `no_answer` can
+    teach the other format's no-answer answer instead. A run dir's model is asked in the format it was trained with
+    (its config.yaml).
     """
 
     name: str
@@ -79,15 +80,24 @@ class BaseModel:
     note: str | None = None  # what a result from these weights must say, e.g. "self-trained base, not FLAN-T5"
     random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. FLAN-T5's (all sizes share it)
     prompt: str = "flan"
+    no_answer: str = "format"  # its answer when the context does not say: the format's own, "empty" or "unanswerable"
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
         if self.prompt not in PROMPTS:
             raise ConfigError(f"model.prompt={self.prompt!r}: expected one of {', '.join(PROMPTS)}")
+        if self.no_answer not in NO_ANSWERS:
+            raise ConfigError(f"model.no_answer={self.no_answer!r}: expected one of {', '.join(NO_ANSWERS)}")
         if self.init == "pretrained" and not self.name_or_path:
             raise ConfigError(f"model {self.name!r} has no pretrained weights (model.name_or_path is empty): "
                               f"use model.init=random or set model.name_or_path")
+
+    @property
+    def question_format(self) -> dict[str, str]:
+        """How questions are put to it and what it answers when the context does not say: the keyword arguments
+        of the datamodule, `encode` and `answer_questions`."""
+        return {"prompt": self.prompt, "no_answer": self.no_answer}
 
     @property
     def label(self) -> str:

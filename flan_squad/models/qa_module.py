@@ -126,7 +126,8 @@ class SquadQAModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=len(batch["ids"]), sync_dist=True)
         generated = generate_windows(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
                                      self.max_new_tokens,
-                                     no_answer=no_answer_target(self.base.prompt) if self.version == "v2" else None,
+                                     no_answer=(no_answer_target(self.base.prompt, self.base.no_answer)
+                                                if self.version == "v2" else None),
                                      encoder_outputs=encoder_outputs, num_beams=self.num_beams)
         self.validation_answers.update(batch["ids"], batch["windows"], *generated)
 

@@ -116,7 +116,7 @@ class Answerer:
         if self._check_tokenizer is None:
             self._check_tokenizer = copy.deepcopy(self.restored.tokenizer)
         return len(encode([question], self._check_tokenizer, self.restored.version, self.max_source_length, 1,
-                          stride=self.stride, prompt=self.restored.base.prompt).ids)
+                          stride=self.stride, **self.restored.base.question_format).ids)
 
     def answer(self, questions: Sequence[Question]) -> Answers:
         """Answers (and v2 no-answer probabilities), in question order, with the threshold applied."""
@@ -124,8 +124,8 @@ class Answerer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
             answers = answer_questions(self.restored.model, self.restored.tokenizer, questions, self.restored.version,
                                        self.max_source_length, self.stride, self.batch_size, self.max_new_tokens,
-                                       self.snap_to_context, prompt=self.restored.base.prompt,
-                                       num_beams=self.num_beams)
+                                       self.snap_to_context, num_beams=self.num_beams,
+                                       **self.restored.base.question_format)
         if self.threshold is not None and answers.na_probs is not None:
             answers.predictions = apply_threshold(answers.predictions, answers.na_probs, self.threshold)
         return answers
@@ -133,7 +133,7 @@ class Answerer:
     def describe(self) -> dict[str, Any]:
         """What answers and how, for the server's health route."""
         return {"model": self.restored.source, "squad_version": self.restored.version,
-                "prompt": self.restored.base.prompt, "init": self.restored.base.init,
+                **self.restored.base.question_format, "init": self.restored.base.init,
                 "note": weights_note({"model_note": self.restored.base.note, "init": self.restored.base.init}),
                 "device": str(self.device), "precision": self.precision,
                 "max_source_length": self.max_source_length, "stride": self.stride,

@@ -118,7 +118,9 @@ def _card(m: dict[str, Any], cfg: dict[str, Any], command: str | None, adapter: 
         'tokenizer = AutoTokenizer.from_pretrained("<this dir>")',
         "```", "",
         f"It answers questions posed with flan-squad's SQuAD {m.get('squad_version')} prompt in the "
-        f"`{model.get('prompt', 'flan')}` format (`model.prompt`), which `python -m flan_squad.predict` builds.",
+        f"`{model.get('prompt', 'flan')}` format (`model.prompt`"
+        + (f", `model.no_answer={model['no_answer']}`" if model.get("no_answer", "format") != "format" else "")
+        + "), which `python -m flan_squad.predict` builds.",
         "",
     ]
     return "\n".join(lines)
