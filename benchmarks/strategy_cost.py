@@ -73,6 +73,35 @@ def run_one(args, model: str, strategy: str, checkpointing: bool, scratch: Path)
     return {**record, **{k: metrics.get(k) for k in keys}}
 
 
+def saved_activations_mb(args, model: str, strategy: str, checkpointing: bool) -> float:
+    """MB of activations autograd keeps for the backward pass of the run's first training batch (the longest: the
+    sampler puts it first), the strategy's model built as the run builds it; weights it keeps are not counted."""
+    import torch
+
+    from benchmarks.runs import Spec, _Setup
+
+    spec = Spec(model=model, strategy=strategy, gradient_checkpointing=checkpointing, steps=args.steps, epochs=1,
+                batch_size=args.batch_size, max_source_length=args.max_source_length, dataset=args.dataset)
+    with tempfile.TemporaryDirectory(prefix="strategy-cost-saved-") as output_dir:
+        s = _Setup(spec, output_dir)
+        s.datamodule.setup("fit")
+        batch = next(iter(s.datamodule.train_dataloader()))
+        model = s.strategy.build(s.base, s.device).train()
+        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        saved: dict[int, int] = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return round(sum(saved.values()) / 2**20, 1)
+
+
 def arithmetic(model: str, strategy: str) -> dict:
     """strategy_bytes for the conf/model option's architecture, in MB."""
     from omegaconf import OmegaConf
@@ -99,20 +128,21 @@ def table(results: dict) -> str:
              f"cores ({' '.join(m['simd'])}), load average {load} at the start. Memory in MB; examples/s measured "
              f"side by side in one command (on a loaded machine: upper bounds of time, ratios hold).", "",
              "| model | strategy | gradient ckpt | examples/s | run's own peak | raw peak | weights (measured) | "
-             "gradients | optimizer state | rest | arithmetic: weights + gradients + optimizer | own peak / "
-             "arithmetic | precision | load (before, after) |",
-             "|" + " --- |" * 14]
+             "gradients | optimizer state | rest | activations saved for backward, first batch | arithmetic: "
+             "weights + gradients + optimizer | own peak / arithmetic | precision | load (before, after) |",
+             "|" + " --- |" * 15]
     for r in results["runs"]:
         head = f"| {r['model']} | {r['strategy']} | {'yes' if r['gradient_checkpointing'] else 'no'} |"
         if "error" in r:
-            lines.append(head + f" FAILED: {r['error']} |" + " |" * 10)
+            lines.append(head + f" FAILED: {r['error']} |" + " |" * 11)
             continue
         a, calc = r["memory_account"], r["arithmetic"]
         weights = " + ".join(f"{v:.0f} {k}" for k, v in a["weights_mb"].items())
         calc_weights = " + ".join(f"{v:.0f} {k}" for k, v in calc["weights_mb"].items())
         lines.append(head + f" {r['train_examples_per_s']:.2f} | {r['own_peak_memory_mb']:.0f} | "
                      f"{r['peak_memory_mb']:.0f} | {weights} | {a['gradients_mb']:.0f} | "
-                     f"{a['optimizer_state_mb']:.0f} | {a['rest_mb']:.0f} | ({calc_weights}) + "
+                     f"{a['optimizer_state_mb']:.0f} | {a['rest_mb']:.0f} | {r['saved_activations_mb']:.0f} | "
+                     f"({calc_weights}) + "
                      f"{calc['gradients_mb']:.0f} + {calc['optimizer_state_mb']:.0f} = {calc['total_mb']:.0f} | "
                      f"{r['own_peak_memory_mb'] / calc['total_mb']:.2f} | {r['precision']} | "
                      f"{r['load_average_before']:.1f}, {r['load_average_after']:.1f} |")
@@ -134,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                     record = run_one(args, model, strategy, checkpointing, Path(scratch))
                     if "error" not in record:
                         record["arithmetic"] = arithmetic(model, strategy)
+                        record["saved_activations_mb"] = saved_activations_mb(args, model, strategy, checkpointing)
                     results["runs"].append(record)
                     write_json_atomic(Path(args.out), results)  # each configuration takes minutes: keep what is done
                     print(f"  {model} {strategy} gc={checkpointing}: " + (record.get("error") or (

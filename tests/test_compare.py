@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from conftest import TINY_ARCHITECTURE
 
 TINY = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_ARCHITECTURE.items()) + "}"
@@ -46,3 +48,26 @@ def test_the_comparison_in_miniature_reports_seeds_memory_and_curves(tmp_path, c
     assert float(full["own_peak_memory_mb"]) > float(full["weights_fp32_mb"]) + float(full["optimizer_state_mb"])
     assert full["f1_std"] != "" and float(full["gradients_mb"]) > 100 * float(rows["lora r=16"]["gradients_mb"]) > 0
     assert {p.name for p in docs.glob("*.png")} == {"f1_vs_memory.png", "f1_vs_time.png", "learning_curves.png"}
+
+
+@pytest.mark.long
+def test_the_cost_table_accounts_each_strategy_with_and_without_checkpointing(tmp_path):
+    # benchmarks/strategy_cost.py in miniature: real runs of flan_squad.train on t5-tiny (random init), each strategy
+    # with and without gradient checkpointing; its account read from the run's tensors against the arithmetic.
+    from benchmarks.strategy_cost import main
+
+    results = main(["--models", "t5_tiny", "--steps", "1", "--strategies", "full,lora",
+                    "--out", str(tmp_path / "cost.json"), "--markdown", str(tmp_path / "cost.md")])
+    runs = {(r["strategy"], r["gradient_checkpointing"]): r for r in results["runs"]}
+    assert set(runs) == {(s, gc) for s in ("full", "lora") for gc in (False, True)}
+    assert not [r["error"] for r in runs.values() if "error" in r]
+    for r in runs.values():
+        account, arithmetic = r["memory_account"], r["arithmetic"]
+        assert account["gradients_mb"] == pytest.approx(arithmetic["gradients_mb"], abs=0.2)
+        assert account["optimizer_state_mb"] == pytest.approx(arithmetic["optimizer_state_mb"], abs=0.2)
+    assert runs["full", False]["memory_account"]["gradients_mb"] > 50 * runs["lora", False]["memory_account"][
+        "gradients_mb"]
+    for strategy in ("full", "lora"):  # checkpointing keeps a few layer inputs instead of every activation
+        assert runs[strategy, True]["saved_activations_mb"] < 0.5 * runs[strategy, False]["saved_activations_mb"]
+    assert json.loads((tmp_path / "cost.json").read_text())["runs"] == results["runs"]
+    assert (tmp_path / "cost.md").read_text().count("| t5_tiny |") == 4
