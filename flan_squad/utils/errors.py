@@ -81,23 +81,22 @@ def print_error(error: BaseException | str) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
 
 
-def cause_chain(error: BaseException) -> Iterator[BaseException]:
+def cause_chain(error: BaseException | None, context: bool = False) -> Iterator[BaseException]:
     """`error`, then what it was raised from (`raise ... from cause`), and so on: e.g. hydra's
-    InstantiationException, then the ConfigError inside it."""
-    seen: BaseException | None = error
-    while seen is not None:
+    InstantiationException, then the ConfigError inside it. `context`: also what it was raised while handling."""
+    chain: list[BaseException] = []
+    seen = error
+    while seen is not None and all(seen is not other for other in chain):
+        chain.append(seen)
         yield seen
-        seen = seen.__cause__
+        seen = seen.__cause__ or (seen.__context__ if context else None)
 
 
 def full_disk_error(error: BaseException | None) -> BaseException | None:
     """The error in `error`'s chain (what it was raised from, or while handling) that says a disk is full: a
     `DiskFull` (it names the file) first, else an `OSError` with ENOSPC / EDQUOT, else an error carrying the system's
     message for them (all that torch's, safetensors' and tokenizers' writers keep); None for any other error."""
-    chain, seen = [], error
-    while seen is not None and all(seen is not other for other in chain):
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
+    chain = list(cause_chain(error, context=True))
     messages = tuple(os.strerror(code) for code in FULL_DISK_ERRNOS)
     return next((e for e in chain if isinstance(e, DiskFull)), None) or next(
         (e for e in chain if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS
