@@ -56,7 +56,7 @@ test-long: shared install tracking serving
 
 # The inner loop: everything but the tests that train through the entry point or start processes (marker `slow`).
 test-fast: shared install tracking serving
-	$(PY) -m pytest tests -m "not slurm and not slow"
+	$(PY) -m pytest tests -m "not slurm and not slow and not long"
 
 # Sweeps, a 2-task job and preemption on a one-node SLURM cluster, then a job over 2 nodes and its preemption on a
 # two-node one (scripts/local_slurm.sh [--nodes 2] starts each here, as root; needs: apt-get install slurm-wlm slurmdbd

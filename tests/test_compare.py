@@ -13,6 +13,7 @@ from conftest import TINY_ARCHITECTURE
 TINY = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_ARCHITECTURE.items()) + "}"
 
 
+@pytest.mark.long
 def test_the_comparison_in_miniature_reports_seeds_memory_and_curves(tmp_path, cache_dir, run_entry_point):
     base, runs, docs = tmp_path / "base", tmp_path / "runs", tmp_path / "docs"
     common = [f"paths.cache_dir={cache_dir}", "logger=csv"]

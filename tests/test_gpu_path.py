@@ -82,6 +82,7 @@ class SchedulePlan(L.Callback):
         SchedulePlan.seen = (schedule.keywords["num_training_steps"], steps, trainer.datamodule.batch_size)
 
 
+@pytest.mark.long
 @pytest.mark.slow  # trains through the entry point
 def test_schedule_is_sized_for_the_batch_size_the_finder_picks(tmp_path, cache_dir):
     cfg = compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=16", "dataset.limit_val=4",

@@ -66,6 +66,7 @@ def csv_run(csv_files, tmp_path_factory, cache_dir) -> Path:
     return run
 
 
+@pytest.mark.long
 def test_a_csv_with_its_own_columns_trains_scores_and_predicts(csv_files, csv_run, tmp_path, cache_dir,
                                                                run_entry_point):
     run, common = csv_run, [f"paths.cache_dir={cache_dir}", "trainer.precision=32-true"]
@@ -106,6 +107,7 @@ def test_a_csv_with_its_own_columns_trains_scores_and_predicts(csv_files, csv_ru
     assert json.loads(answers.read_text()) == json.loads((run / "predictions.json").read_text())
 
 
+@pytest.mark.long
 def test_beam_search_finds_answers_at_least_as_likely_as_greedy_ones_and_predicts_as_it_scores(
         csv_files, csv_run, tmp_path, cache_dir, run_entry_point):
     from flan_squad.evaluate import validate

@@ -1,4 +1,4 @@
-"""A tiny seeded run, pinned (as torchtune's recipe tests pin loss values): full fine-tuning and LoRA of the
+"""A tiny seeded run, pinned (as torchtune's recipe tests pin loss values): full fine-tuning, LoRA and QLoRA of the
 random-init t5-tiny on planted_v1 in fp32, the training loss at a few steps and the validation F1 after each epoch.
 
 Anything that changes what training computes (data sample or order, tokenization, the prompt, initial weights,
@@ -25,12 +25,16 @@ SETTINGS = ["experiment=learning_check", "model.prompt=flan", "strategy=full", "
             "trainer.log_every_n_steps=1", "logger=csv", "callbacks=none"]
 # optimizer step -> training loss (20 steps an epoch); validation F1 after each epoch (50 questions: 2 points each).
 # LoRA (rank 16 on q and v, the learning check's lr) answers nothing right in 40 steps: its losses are the pin.
-# LoRA's were measured on this workplace's AVX2 machine with 2 threads and with 1 (at most 2e-6 apart).
+# LoRA's and QLoRA's were measured on this workplace's AVX2 machine with 2 threads and with 1 (at most 2e-6 apart).
+# QLoRA's first loss differs from LoRA's by the 4-bit base's rounding (conf/strategy/qlora.yaml: checkpointing on).
 EXPECTED = {
     "full": ({0: 10.966602, 9: 5.989005, 19: 3.929667, 29: 2.855822, 39: 2.751623}, {19: 6.0, 39: 8.0}),
     "lora": ({0: 10.966601, 9: 8.704415, 19: 7.748948, 29: 7.210644, 39: 7.002769}, {19: 0.0, 39: 0.0}),
+    "qlora": ({0: 10.970634, 9: 8.724404, 19: 7.742428, 29: 7.192255, 39: 7.012424}, {19: 0.0, 39: 0.0}),
 }
-LOSS_TOLERANCE = 1e-4
+# QLoRA's 10x wider: on a CPU with AVX512-BF16 bitsandbytes dequantizes with other kernels (not measured here); a
+# real change still moves its loss 10x further.
+LOSS_TOLERANCE = {"full": 1e-4, "lora": 1e-4, "qlora": 1e-3}
 
 
 @pytest.mark.parametrize("strategy", sorted(EXPECTED))
@@ -43,5 +47,6 @@ def test_tiny_seeded_fp32_run_computes_the_pinned_numbers(strategy, tmp_path, ca
     loss = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     f1 = {int(r["step"]): float(r["val/f1"]) for r in rows if r.get("val/f1")}
     assert metrics["precision"] == "32-true" and metrics["optimizer_steps"] == 40
-    assert {step: loss[step] for step in expected_loss} == pytest.approx(expected_loss, abs=LOSS_TOLERANCE), loss
+    pinned = {step: loss[step] for step in expected_loss}
+    assert pinned == pytest.approx(expected_loss, abs=LOSS_TOLERANCE[strategy]), loss
     assert f1 == expected_f1 and metrics["f1"] == max(expected_f1.values())

@@ -112,6 +112,7 @@ def _assert_same_tensors(resumed, reference, where: str = "") -> None:
         assert resumed == reference, where
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adafactor"])
 def test_each_optimizer_resumes_to_the_uninterrupted_weights_and_state(optimizer, tmp_path, cache_dir):
     import torch
@@ -133,6 +134,7 @@ def test_each_optimizer_resumes_to_the_uninterrupted_weights_and_state(optimizer
     _assert_same_tensors(last[0]["optimizer_states"], last[1]["optimizer_states"], "optimizer")
 
 
+@pytest.mark.long
 def test_early_stopping_count_survives_a_crash_and_resume(tmp_path, cache_dir):
     # A random-init model whose answers stay wrong: val/f1 is 0 after every epoch, so with patience 2 training stops
     # after its third epoch (the first sets the best, the next two do not beat it). 8 questions in batches of 4: 2

@@ -170,6 +170,7 @@ def uninterrupted(tmp_path_factory, cache_dir) -> tuple[Path, dict]:
     return run_dir, train(compose_config(EPOCHS, output_dir=run_dir, cache=cache_dir))
 
 
+@pytest.mark.long
 def test_a_run_killed_in_validation_validates_that_epoch_first_when_resumed(uninterrupted, tmp_path, cache_dir):
     # Killed as epoch 0's validation begins: last.ckpt holds the epoch's last step, written before the validation.
     from safetensors.torch import load_file

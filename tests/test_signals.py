@@ -51,6 +51,7 @@ def test_sigterm_saves_a_checkpoint_says_interrupted_exits_143_and_resumes(tmp_p
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.long
 def test_sigint_stops_a_sweep_job_at_a_step_with_130_and_the_sweep_with_it(tmp_path, cache_dir, run_entry_point):
     # In this process: the callback sends SIGINT (Ctrl-C) to it as step 3 starts; the sweep's second job never runs.
     sweep = tmp_path / "sweep"

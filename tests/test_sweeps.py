@@ -76,6 +76,7 @@ def test_auto_batch_size_is_found_and_recorded(tmp_path, cache_dir):
     assert json.loads((tmp_path / "metrics.json").read_text())["batch_size"] == 4
 
 
+@pytest.mark.long
 def test_grid_sweep_records_a_failed_job_runs_the_rest_and_reports_a_heat_map(tmp_path, run_entry_point):
     sweep = tmp_path / "sweep"
     # No -m: the preset makes it a multirun. rank=0 is invalid: those 2 of the 6 jobs fail.

@@ -81,6 +81,7 @@ def _artefact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> s
     return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_text()
 
 
+@pytest.mark.long
 def test_a_failed_then_resumed_run_is_one_mlflow_run_with_everything_in_it(server, tmp_path, cache_dir,
                                                                            run_entry_point):
     run_dir = tmp_path / "run"

@@ -8,6 +8,7 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2  # the tracking extra (make test installs it)
 
@@ -62,6 +63,7 @@ def read_offline_run(run_dir: Path) -> list[dict]:
     return runs
 
 
+@pytest.mark.long
 def test_a_failed_then_resumed_run_is_one_wandb_run_with_its_results(tmp_path, cache_dir, run_entry_point):
     run_dir = tmp_path / "run"
     args = [*SMALL, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
