@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "strategy_cost.json"))
     p.add_argument("--markdown", default=None, help="also write the table here (e.g. docs/compare_cpu/cost.md)")
     p.add_argument("--overrides", nargs="*", default=[], help="more flan_squad.train overrides for every run")
+    p.add_argument("--saved-activations", nargs=2, metavar=("STRATEGY", "CHECKPOINTING"),
+                   help=argparse.SUPPRESS)  # internal: one measurement, in a process of its own
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     args.strategies = args.strategies.split(",")
@@ -73,9 +75,22 @@ def run_one(args, model: str, strategy: str, checkpointing: bool, scratch: Path)
     return {**record, **{k: metrics.get(k) for k in keys}}
 
 
-def saved_activations_mb(args, model: str, strategy: str, checkpointing: bool) -> float:
+def saved_activations_mb(args, model: str, strategy: str, checkpointing: bool) -> float | None:
     """MB of activations autograd keeps for the backward pass of the run's first training batch (the longest: the
-    sampler puts it first), the strategy's model built as the run builds it; weights it keeps are not counted."""
+    sampler puts it first), the strategy's model built as the run builds it; weights it keeps are not counted.
+    Measured in a process of its own, as each run is, so that no measurement holds memory for the next."""
+    command = [sys.executable, "-m", "benchmarks.strategy_cost", "--models", model, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--max-source-length", str(args.max_source_length),
+               "--dataset", args.dataset, "--saved-activations", strategy, str(int(checkpointing))]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"  saved activations of {model} {strategy} gc={checkpointing} not measured: exit {proc.returncode}",
+              file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _saved_activations_here(args, model: str, strategy: str, checkpointing: bool) -> float:
     import torch
 
     from benchmarks.runs import Spec, _Setup
@@ -141,7 +156,8 @@ def table(results: dict) -> str:
         calc_weights = " + ".join(f"{v:.0f} {k}" for k, v in calc["weights_mb"].items())
         lines.append(head + f" {r['train_examples_per_s']:.2f} | {r['own_peak_memory_mb']:.0f} | "
                      f"{r['peak_memory_mb']:.0f} | {weights} | {a['gradients_mb']:.0f} | "
-                     f"{a['optimizer_state_mb']:.0f} | {a['rest_mb']:.0f} | {r['saved_activations_mb']:.0f} | "
+                     f"{a['optimizer_state_mb']:.0f} | {a['rest_mb']:.0f} | "
+                     f"{'–' if r.get('saved_activations_mb') is None else round(r['saved_activations_mb'])} | "
                      f"({calc_weights}) + "
                      f"{calc['gradients_mb']:.0f} + {calc['optimizer_state_mb']:.0f} = {calc['total_mb']:.0f} | "
                      f"{r['own_peak_memory_mb'] / calc['total_mb']:.2f} | {r['precision']} | "
@@ -151,6 +167,10 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.saved_activations:
+        strategy, checkpointing = args.saved_activations
+        print(_saved_activations_here(args, args.models[0], strategy, checkpointing == "1"))
+        return {}
     started = time.perf_counter()
     from benchmarks.bench import machine
     from flan_squad.utils.files import write_json_atomic
