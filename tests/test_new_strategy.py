@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,6 +32,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
         return model.eval()(**batch, labels=tokenizer(["Paris"], return_tensors="pt").input_ids).logits
 
 
+@pytest.mark.long
 def test_ia3_trains_reports_exports_and_predicts(tmp_path, cache_dir):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

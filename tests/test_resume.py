@@ -198,6 +198,7 @@ def test_a_run_killed_in_validation_validates_that_epoch_first_when_resumed(unin
     assert (resumed["f1"], resumed["exact"]) == (reference["f1"], reference["exact"])
 
 
+@pytest.mark.long
 def test_a_best_checkpoint_gone_since_last_ckpt_is_forgotten_in_one_line(tmp_path, cache_dir, caplog):
     # Killed in epoch 1's validation after it had replaced epoch 0's best checkpoint (deleted here): last.ckpt, written
     # before that validation, still names epoch 0's. The resumed run says so, validates epoch 1 again, and ends with
@@ -216,6 +217,7 @@ def test_a_best_checkpoint_gone_since_last_ckpt_is_forgotten_in_one_line(tmp_pat
     assert resumed["best_checkpoint"] != "checkpoints/best-epoch0-step4.ckpt"
 
 
+@pytest.mark.long
 def test_how_often_a_run_validates_does_not_change_what_it_trains(uninterrupted, tmp_path, cache_dir):
     from flan_squad.train import train
 
@@ -246,6 +248,7 @@ trainer.strategy.checkpoint_io.save_checkpoint({"global_step": 2, "weights": tor
 """
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm) for the temp dir")
 def test_a_kill_while_a_checkpoint_is_written_leaves_last_ckpt_whole(tmp_path):
     import subprocess
