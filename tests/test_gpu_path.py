@@ -219,6 +219,7 @@ def test_fsdp_adapters_are_saved_from_the_gathered_model(tmp_path, tiny_base, mo
     assert saved.keys() == trained.keys() and all(torch.equal(saved[name], trained[name]) for name in trained)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, advice", [("qlora", "trainer=ddp"), ("lora", "trainer=gpu on one device")])
 def test_fsdp_refuses_what_it_cannot_train_before_anything_trains(tmp_path, cache_dir, run_entry_point, strategy,
                                                                    advice):
@@ -265,6 +266,7 @@ def test_checkpoint_writing_is_not_timed_as_training(tmp_path, cache_dir, monkey
     assert 0 < metrics["train_time_s"] < SAVE_SECONDS
 
 
+@pytest.mark.slow
 def test_callbacks_none_writes_no_checkpoint(tmp_path, cache_dir):
     # Lightning adds a ModelCheckpoint of its own unless told not to: callbacks=none wrote checkpoints/, reloaded one.
     metrics = train(compose_config(["experiment=smoke", "strategy=lora", "dataset.limit_train=4", "dataset.limit_val=2",

@@ -62,6 +62,7 @@ def test_bf16_mixed_clips_gradients_of_the_fused_optimizer(tiny_base, tokenizer)
     assert norm == pytest.approx(0.5, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_run_with_clipping_trains_through_the_entry_point(tmp_path, cache_dir):
     cfg = compose_config(["experiment=smoke", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
                           "dataset.limit_train=16", "dataset.limit_val=4", "trainer.max_epochs=1",

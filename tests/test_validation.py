@@ -77,6 +77,7 @@ def test_answers_missing_from_their_context_are_counted_not_fatal(tmp_path, toke
     assert dm.stats["train_answer_not_in_context"] == 1 and dm.stats["train_examples"] == 2
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "flan_squad.train", "experiment=smoke", "dataset.train_file=/nonexistent/train.json",
@@ -88,6 +89,7 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr and (result.stdout + result.stderr).count(message) == 1  # said once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("strategy=lora strategy.rank=0", "strategy.rank=0: must be a whole number > 0"),
     ("strategy.lr=-1", "strategy.lr=-1: must be > 0"),
@@ -106,6 +108,7 @@ def test_bad_values_on_the_command_line_are_one_line(override, message, tmp_path
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_bad_run_dir_is_one_line(tmp_path, run_entry_point):
     result = run_entry_point("flan_squad.evaluate", [f"run_dir={tmp_path / 'nope'}", "trainer=cpu",
                                                    f"hydra.run.dir={tmp_path / 'eval'}"])
@@ -115,6 +118,7 @@ def test_evaluate_bad_run_dir_is_one_line(tmp_path, run_entry_point):
     assert "Traceback" not in result.stderr and result.stderr.count("no config.yaml") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["question=Where?"], "question=... and context=... both need text"),
     (["question=Where?", "context=Here.", "input_file=q.json"], "give either question=... context=... or input_file"),
