@@ -51,3 +51,12 @@ def test_a_pretrained_base_is_named_and_a_generated_task_is_no_hub_dataset(tmp_p
     assert data.datasets is None and "random-init" not in data.tags
     assert {r.dataset_type for r in data.eval_results} == {"planted_v1"}
     assert [r.metric_name for r in data.eval_results] == ["Exact match", "F1"]
+
+
+def test_the_card_says_how_to_pose_questions_to_the_model(tmp_path):
+    # the format it was trained in (model.prompt), and model.no_answer where it is not the format's own
+    for no_answer, expected in [("format", "`t5` format (`model.prompt`), which"),
+                                ("unanswerable", "`t5` format (`model.prompt`, `model.no_answer=unanswerable`), w")]:
+        config = compose_config(["experiment=smoke", "dataset=squad_v2", f"model.no_answer={no_answer}"])
+        write_model_card(tmp_path / no_answer, METRICS, config, None)
+        assert expected in (tmp_path / no_answer / "README.md").read_text()

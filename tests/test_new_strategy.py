@@ -63,10 +63,11 @@ def test_ia3_trains_reports_exports_and_predicts(tmp_path, cache_dir):
     input_file = tmp_path / "questions.json"
     input_file.write_text(json.dumps([{"id": q.id, "question": q.question, "context": q.context} for q in questions]))
     # asked in the format it was trained in, as the export records it (smoke's t5_tiny: t5)
-    prompt = json.loads((exported / "flan_squad_export.json").read_text())["prompt"]
-    assert prompt == "t5"
+    recorded = json.loads((exported / "flan_squad_export.json").read_text())
+    prompt, no_answer = recorded["prompt"], recorded["no_answer"]
+    assert (prompt, no_answer) == ("t5", "format")
     cfg = compose_config([f"model.name_or_path={exported}", "model.init=pretrained", "model.tokenizer=null",
-                          f"model.prompt={prompt}",
+                          f"model.prompt={prompt}", f"model.no_answer={no_answer}",
                           "dataset=squad_v1", f"input_file={input_file}", "dataset.max_source_length=128",
                           "eval.stride=32", "eval.max_new_tokens=6", "precision=32-true"], config_name="predict",
                          cache=cache_dir)
