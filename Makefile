@@ -45,7 +45,7 @@ shared:
 lint: install
 	$(PY) -m ruff check .
 
-# The suite, but for the long end-to-end checks (marker `long`: each a minute or more on 2 cores); CI runs both.
+# The suite, but for the longest end-to-end checks (marker `long`: 10 s to minutes each on 2 cores); CI runs both.
 test: shared install tracking serving
 	$(PY) -m pytest tests -m "not slurm and not long"
 
