@@ -229,3 +229,5 @@ def test_an_unknown_no_answer_is_refused_naming_the_option():
 
     with pytest.raises(ConfigError, match="model.no_answer='none': expected one of format, empty, unanswerable"):
         BaseModel(name="x", name_or_path="y", no_answer="none")
+    with pytest.raises(ConfigError, match="model.no_answer='none'"):  # the datamodule checks what it is given too
+        SquadDataModule(None, "squad_v2", "v2", "hub", no_answer="none")
