@@ -211,6 +211,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
         L.seed_everything(s.cfg.seed, workers=True, verbose=False)
         s.datamodule.setup("fit")
         peak = PeakMemory(s.device)
+        held_mb = peak.current_mb()  # the stack and the data: the peak above it is the run's own
         peak.reset()
         run = _train_project if spec.pipeline == "project" else _train_hf
         seconds, ids_seen, padded, params = run(s, spec)
@@ -236,6 +237,7 @@ def train_run(spec: Spec) -> dict[str, Any]:
         "every_example_once_per_epoch": (all(Counter(ids) == expected for ids in ids_seen)
                                          and len(ids_seen) == spec.epochs),
         "peak_memory_mb": round(peak_mb, 1),
+        "own_peak_memory_mb": None if held_mb is None else round(peak_mb - held_mb, 1),
         "peak_memory_kind": peak.kind,
         **params,
     }

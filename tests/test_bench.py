@@ -41,6 +41,11 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     memory = {(bool(r["params_4bit"]), r["spec"]["gradient_checkpointing"]): r["peak_memory_mb"]
               for r in results["memory"]}
     assert results["qlora_gc_peak_over_full_base"] == round(memory[True, True] / memory[False, False], 3)
+    own = {(bool(r["params_4bit"]), r["spec"]["gradient_checkpointing"]): r["own_peak_memory_mb"]
+           for r in results["memory"]}
+    assert all(0 < own[k] < memory[k] for k in own)  # above what the process held before the model was built
+    assert results["qlora_gc_own_peak_over_full_base"] == {
+        f"over_full_gc_{'on' if gc else 'off'}": round(own[True, True] / own[False, gc], 3) for gc in (False, True)}
     assert results["machine"]["cores"] == os.cpu_count() and results["peak_matmul"] == headline["peak_matmul"]
     run = headline["train"][0]
     assert run["mfu"] == round(run["model_flops_per_s"] / headline["peak_matmul"]["peak_flops"], 4)
