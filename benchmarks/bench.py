@@ -104,7 +104,8 @@ def run_train(spec, in_process: bool, log_dir: Path) -> dict:
     """One training configuration, in its own process unless `in_process`."""
     from benchmarks import runs  # noqa: PLC0415  (heavy: only the workers need the whole stack)
 
-    name = f"{spec.model}-{spec.strategy}-gc{int(spec.gradient_checkpointing)}-{spec.pipeline}-{spec.precision}"
+    name = (f"{spec.model}-{spec.strategy}-gc{int(spec.gradient_checkpointing)}-{spec.pipeline}-{spec.precision}"
+            + ("-compiled" if spec.compile else ""))
     started = time.perf_counter()
     if in_process:
         result = runs.train_run(spec)

@@ -66,6 +66,7 @@ class Spec:
     dataset: str = "squad_v1"
     shared_dir: str | None = None  # None: the config's default (../shared or FLAN_SQUAD_SHARED)
     precision: str = "fp32"  # fp32 | bf16, both pipelines alike
+    compile: bool = False  # the project's model.compile (training steps through torch.compile)
 
 
 def compose_config(spec: Spec, output_dir: str):
@@ -78,7 +79,7 @@ def compose_config(spec: Spec, output_dir: str):
         f"dataset.max_source_length={spec.max_source_length}",
         f"dataset.limit_train={spec.steps * spec.batch_size}", f"dataset.limit_val={spec.eval_questions}",
         f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}",
-        f"trainer.precision={LIGHTNING_PRECISION[spec.precision]}",
+        f"trainer.precision={LIGHTNING_PRECISION[spec.precision]}", f"model.compile={spec.compile}",
         "logger=none", "callbacks=none",
         f"paths.output_dir={output_dir}",
     ] + ([f"paths.shared_dir={spec.shared_dir}"] if spec.shared_dir else [])

@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = _instantiate_group(cfg.get("callbacks")) + [cost, Interruption(), OwedValidation()]
         loggers = _instantiate_group(cfg.get("logger"))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        refuse_what_fsdp_cannot_train(trainer, strategy)
+        refuse_what_fsdp_cannot_train(trainer, strategy, compile=base.compile)
 
         with interruptible(trainer, output_dir):  # SIGTERM / SIGINT: last.ckpt, then RunInterrupted (exit 143 / 130)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

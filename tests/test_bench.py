@@ -130,3 +130,23 @@ def test_forward_flops_match_a_parameter_count_estimate(cache_dir):
     expected = (2 * encoder_weights * source + 2 * decoder_weights * target + attention + cross_kv
                 + 2 * d * 32128 * target)
     assert forward_flops(config, source, target) == pytest.approx(expected)
+
+
+@pytest.mark.long
+def test_compile_benchmark_runs_both_ways_and_compiling_changes_no_answer(tmp_path):
+    from benchmarks import compile as compile_bench
+
+    out = tmp_path / "compile.json"
+    result = compile_bench.main(["--model", "t5_tiny", "--steps", "2", "--epochs", "2", "--max-source-length", "128",
+                                 "--decode-source-length", "64", "--new-tokens", "4", "--shared-dir", str(SHARED),
+                                 "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    eager, compiled = result["train"]
+    assert (eager["spec"]["compile"], compiled["spec"]["compile"]) == (False, True)
+    for run in (eager, compiled):
+        assert "error" not in run and run["every_example_once_per_epoch"] and len(run["epoch_seconds"]) == 2
+    assert compiled["later_over_eager"] == round(compiled["later_epochs_examples_per_s"]
+                                                 / eager["later_epochs_examples_per_s"], 3)
+    assert [d["setting"] for d in result["decoding"]] == list(compile_bench.DECODING)
+    for d in result["decoding"]:
+        assert len(d["call_seconds"]) == 3 and d["same_answers_as_dynamic_cache"], d

@@ -19,6 +19,7 @@ from flan_squad.models.strategies import Strategy
 from flan_squad.runs.tracking import MLflowLogger
 from flan_squad.runs.wandb_logger import WandbLogger
 from flan_squad.utils.config import CONFIG_DIR, PROJECT_ROOT
+from flan_squad.utils.errors import ConfigError
 from flan_squad.utils.precision import auto_precision
 
 
@@ -163,3 +164,12 @@ def test_only_hparams_search_defines_multiruns(tmp_path):
     assert compose("train", ["experiment=compare_cpu"], return_hydra_config=True).hydra.mode != RunMode.MULTIRUN
     swept = compose("train", ["experiment=compare_cpu", "hparams_search=strategies"], return_hydra_config=True).hydra
     assert swept.mode == RunMode.MULTIRUN and swept.sweeper.params.strategy == "full,lora,qlora"
+
+
+def test_model_compile_is_off_by_default_and_must_be_a_boolean():
+    from flan_squad.models.base import BaseModel
+
+    for model in ("flan_t5_base", "flan_t5_small", "flan_t5_large", "t5_tiny", "t5_mid_planted"):
+        assert compose_config([f"model={model}"]).model.compile is False, model
+    with pytest.raises(ConfigError, match="model.compile='yes': expected true or false"):
+        BaseModel(name="x", name_or_path="y", compile="yes")

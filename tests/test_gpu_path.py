@@ -220,19 +220,24 @@ def test_fsdp_adapters_are_saved_from_the_gathered_model(tmp_path, tiny_base, mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, advice", [("qlora", "trainer=ddp"), ("lora", "trainer=gpu on one device")])
-def test_fsdp_refuses_what_it_cannot_train_before_anything_trains(tmp_path, cache_dir, run_entry_point, strategy,
-                                                                   advice):
+@pytest.mark.parametrize("overrides, refusal, advice", [
+    (["strategy=qlora"], "strategy=qlora with trainer=fsdp", "trainer=ddp"),
+    (["strategy=lora"], "strategy=lora with trainer=fsdp", "trainer=gpu on one device"),
+    (["strategy=full", "model.compile=true"], "model.compile=true with trainer=fsdp", "model.compile=false"),
+])
+def test_fsdp_refuses_what_it_cannot_train_before_anything_trains(tmp_path, cache_dir, run_entry_point, overrides,
+                                                                   refusal, advice):
     # QLoRA: FSDP cannot flatten 4-bit (integer) weights: it crashed at wrapping, after the model was built. LoRA on
     # one device (unsharded): torch's FSDP left the frozen base weights as plain tensors after the first backward
-    # pass, and the second step crashed ("as_params=True type(prim_param)=<class 'torch.Tensor'>").
+    # pass, and the second step crashed ("as_params=True type(prim_param)=<class 'torch.Tensor'>"). A compiled
+    # model: the module compiles the model before FSDP wraps it.
     result = run_entry_point("flan_squad.train", [
-        "experiment=smoke", f"strategy={strategy}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
+        "experiment=smoke", *overrides, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
         "trainer.strategy._target_=fsdp_cpu.cpu_t5_fsdp_strategy", "logger=none", f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2, result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
-    assert f"strategy={strategy} with trainer=fsdp" in message and advice in message
+    assert refusal in message and advice in message
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
 
 

@@ -37,11 +37,10 @@ EXPECTED = {
 LOSS_TOLERANCE = {"full": 1e-4, "lora": 1e-4, "qlora": 1e-3}
 
 
-@pytest.mark.parametrize("strategy", sorted(EXPECTED))
-def test_tiny_seeded_fp32_run_computes_the_pinned_numbers(strategy, tmp_path, cache_dir):
+def _run_pinned(strategy: str, tmp_path, cache_dir, *extra: str) -> None:
     expected_loss, expected_f1 = EXPECTED[strategy]
     settings = [s if not s.startswith("strategy=") else f"strategy={strategy}" for s in SETTINGS]
-    metrics = train(compose_config(settings, output_dir=tmp_path, cache=cache_dir))
+    metrics = train(compose_config([*settings, *extra], output_dir=tmp_path, cache=cache_dir))
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     loss = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
@@ -50,3 +49,21 @@ def test_tiny_seeded_fp32_run_computes_the_pinned_numbers(strategy, tmp_path, ca
     pinned = {step: loss[step] for step in expected_loss}
     assert pinned == pytest.approx(expected_loss, abs=LOSS_TOLERANCE[strategy]), loss
     assert f1 == expected_f1 and metrics["f1"] == max(expected_f1.values())
+
+
+@pytest.mark.parametrize("strategy", sorted(EXPECTED))
+def test_tiny_seeded_fp32_run_computes_the_pinned_numbers(strategy, tmp_path, cache_dir):
+    _run_pinned(strategy, tmp_path, cache_dir)
+
+
+@pytest.mark.long
+def test_compiled_training_computes_the_pinned_numbers(tmp_path, cache_dir):
+    # model.compile=true changes how the steps run, not what they compute: the same losses and F1s as eager, with
+    # dropout masks drawn by eager's kernels (inductor's own random numbers would differ by design).
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):  # its own patch: monkeypatch's undo deletes the option
+        _run_pinned("full", tmp_path, cache_dir, "model.compile=true")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the steps did run compiled

@@ -81,12 +81,15 @@ class BaseModel:
     random_init_tokenizer: str | None = None  # init=random without `tokenizer`: e.g. FLAN-T5's (all sizes share it)
     prompt: str = "flan"
     no_answer: str = "format"  # its answer when the context does not say: the format's own, "empty" or "unanswerable"
+    compile: bool = False  # training's forward and backward through torch.compile (docs/performance.md: off by default)
 
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
         if self.prompt not in PROMPTS:
             raise ConfigError(f"model.prompt={self.prompt!r}: expected one of {', '.join(PROMPTS)}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"model.compile={self.compile!r}: expected true or false")
         if self.no_answer not in NO_ANSWERS:
             raise ConfigError(f"model.no_answer={self.no_answer!r}: expected one of {', '.join(NO_ANSWERS)}")
         if self.init == "pretrained" and not self.name_or_path:

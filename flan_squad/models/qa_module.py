@@ -52,6 +52,7 @@ class SquadQAModule(L.LightningModule):
         self.na_probs: dict[str, float] | None = None  # SQuAD v2: see flan_squad.evaluation.inference
         self.answer_stats: dict[str, int] = {}
         self.scores: dict[str, float] = {}
+        self._compiled: tuple[nn.Module, Callable] | None = None  # (model, its compiled forward): not a submodule
 
     # --- model -----------------------------------------------------------------------------------
 
@@ -61,14 +62,23 @@ class SquadQAModule(L.LightningModule):
             self.model = self.strategy.build(self.base, device)
             self.model.train()  # from_pretrained returns eval mode, and Lightning keeps a module's mode
 
+    def training_forward(self) -> Callable:
+        """The model as training steps call it: through torch.compile with model.compile=true (compiled on the first
+        step; dynamic shapes, since batches differ in length), else as it is. Validation and generation stay eager."""
+        if not self.base.compile:
+            return self.model
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model, dynamic=True))
+        return self._compiled[1]
+
     def parameter_counts(self) -> dict[str, int]:
         return count_parameters(self.model)
 
     # --- training ----------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        loss = self.training_forward()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       labels=batch["labels"]).loss
         if not torch.isfinite(loss):
             # Stop before this step's update: the checkpoints on disk all predate the bad step.
             raise TrainingError(

@@ -109,16 +109,19 @@ def full_model_on_rank_zero(trainer: L.Trainer) -> Iterator[None]:
         yield
 
 
-def refuse_what_fsdp_cannot_train(trainer: L.Trainer, strategy) -> None:
+def refuse_what_fsdp_cannot_train(trainer: L.Trainer, strategy, compile: bool = False) -> None:
     """Under FSDP, before training starts: a strategy whose weights FSDP cannot shard (4-bit: integer tensors; it says
     so with `shardable = False`) is refused, and so is one that keeps weights frozen (`freezes_base = True`) when FSDP
     would not shard (one device, or NO_SHARD): torch's FSDP then turns the frozen weights into plain tensors in the
     backward pass (no post-backward hook runs for them, and an unsharded model counts as resharded), and its next
-    forward pass fails ("as_params=True type(prim_param)=<class 'torch.Tensor'>")."""
+    forward pass fails ("as_params=True type(prim_param)=<class 'torch.Tensor'>"). So is `model.compile`."""
     from torch.distributed.fsdp import ShardingStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         return
+    if compile:
+        raise ConfigError("model.compile=true with trainer=fsdp: not supported (the module compiles the model that "
+                          "FSDP then wraps); use model.compile=false, or trainer=ddp")
     if not strategy.shardable:
         raise ConfigError(f"strategy={strategy.name} with trainer=fsdp: FSDP cannot shard its 4-bit (integer) weights; "
                           f"use trainer=ddp (or trainer=gpu), or strategy=lora to shard")
