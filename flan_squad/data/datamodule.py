@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import flan_squad.data.planted as planted
 from flan_squad.data.encoding import Encoded, Features, collate, encode
-from flan_squad.data.prompts import NO_ANSWERS, PROMPTS, VERSIONS
+from flan_squad.data.prompts import VERSIONS, check_question_format
 from flan_squad.data.records import Columns, read_data_file, read_hub
 from flan_squad.data.sampler import LengthGroupedSampler, LoaderPosition, ResumableDataLoader
 from flan_squad.data.squad import DataError, Question
@@ -77,10 +77,7 @@ class SquadDataModule(L.LightningDataModule):
         super().__init__()
         if version not in VERSIONS:
             raise ConfigError(f"dataset.version={version!r}: expected 'v1' or 'v2'")
-        if prompt not in PROMPTS:
-            raise ConfigError(f"model.prompt={prompt!r}: expected one of {', '.join(PROMPTS)}")
-        if no_answer not in NO_ANSWERS:
-            raise ConfigError(f"model.no_answer={no_answer!r}: expected one of {', '.join(NO_ANSWERS)}")
+        check_question_format(prompt, no_answer)
         for option, value in [("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                               ("max_source_length", max_source_length), ("max_target_length", max_target_length),
                               ("group_batches", group_batches)]:

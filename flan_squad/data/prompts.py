@@ -12,6 +12,8 @@ format's no-answer answer instead (an ablation: which part of a format helps a m
 
 from __future__ import annotations
 
+from flan_squad.utils.errors import ConfigError
+
 UNANSWERABLE = "unanswerable"
 PROMPTS = ("flan", "t5")
 NO_ANSWERS = ("format", "empty", "unanswerable")  # model.no_answer: the format's own, or either one whatever the format
@@ -29,6 +31,14 @@ def around_context(prompt: str, version: str, question: str) -> tuple[str, str]:
     if prompt == "t5":
         return f"question: {question.lstrip()} context:", ""
     return INSTRUCTIONS[version], question
+
+
+def check_question_format(prompt: str, no_answer: str) -> None:
+    """Refuses a `model.prompt` or `model.no_answer` this module does not know (read as the other choice otherwise)."""
+    if prompt not in PROMPTS:
+        raise ConfigError(f"model.prompt={prompt!r}: expected one of {', '.join(PROMPTS)}")
+    if no_answer not in NO_ANSWERS:
+        raise ConfigError(f"model.no_answer={no_answer!r}: expected one of {', '.join(NO_ANSWERS)}")
 
 
 def no_answer_target(prompt: str, no_answer: str = "format") -> str:

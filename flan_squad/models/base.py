@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flan_squad.data.prompts import NO_ANSWERS, PROMPTS
+from flan_squad.data.prompts import check_question_format
 from flan_squad.utils.errors import ConfigError, FlanSquadError, first_line
 from flan_squad.utils.files import write_dir_atomic
 
@@ -86,12 +86,9 @@ class BaseModel:
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
             raise ConfigError(f"model.init={self.init!r}: expected 'pretrained' or 'random'")
-        if self.prompt not in PROMPTS:
-            raise ConfigError(f"model.prompt={self.prompt!r}: expected one of {', '.join(PROMPTS)}")
+        check_question_format(self.prompt, self.no_answer)
         if not isinstance(self.compile, bool):
             raise ConfigError(f"model.compile={self.compile!r}: expected true or false")
-        if self.no_answer not in NO_ANSWERS:
-            raise ConfigError(f"model.no_answer={self.no_answer!r}: expected one of {', '.join(NO_ANSWERS)}")
         if self.init == "pretrained" and not self.name_or_path:
             raise ConfigError(f"model {self.name!r} has no pretrained weights (model.name_or_path is empty): "
                               f"use model.init=random or set model.name_or_path")
